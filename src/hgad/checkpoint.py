@@ -1,0 +1,128 @@
+"""Run folders: ``config.json`` + ``model.safetensors`` (never pickle), written atomically.
+
+A run folder holds everything ``hgad test``/``predict``/``export`` need except the backbone weights,
+which the config names (the shipped default, a file, or the hub). ``last.safetensors`` additionally
+holds the optimizer state and progress counters for ``--resume``, in one file so that model and
+optimizer can never be out of step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from hgad import __version__
+from hgad.config import config_from_dict
+from hgad.errors import InputError
+from hgad.io import atomic_save_tensors, atomic_write_json
+from hgad.model import HGAD
+
+__all__ = ["CONFIG_FILE", "MODEL_FILE", "RESUME_FILE", "save_run_config", "save_model", "load_model",
+           "read_run_config", "read_tensors", "save_resume_state", "load_resume_state"]
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+RESUME_FILE = "last.safetensors"
+
+
+def save_run_config(run_dir: Path, model: HGAD, extra: dict[str, Any] | None = None) -> None:
+    """Resolved config, class names and provenance; written once when a run starts."""
+    payload = {"hgad_version": __version__, "config": model.cfg.to_dict(), "class_names": model.class_names,
+               **(extra or {})}
+    atomic_write_json(run_dir / CONFIG_FILE, payload)
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not Path(run_dir).is_dir():
+        raise InputError(run_dir, "run folder does not exist")
+    if not path.is_file():
+        raise InputError(path, "missing: not a hgad run folder (expected config.json and model.safetensors)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        _ = data["config"], data["class_names"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise InputError(path, f"not a hgad run config ({type(err).__name__}: {err})") from None
+    return data
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; anything else (pickle...) is refused unread."""
+    if not path.is_file():
+        raise InputError(path, "missing")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+            return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise InputError(path, f"not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+
+
+def save_model(run_dir: Path, model: HGAD) -> Path:
+    path = Path(run_dir) / MODEL_FILE
+    # one metadata key only: safetensors writes metadata in hash-map order, which varies between runs
+    atomic_save_tensors(path, model.trainable_state(), metadata={"hgad_version": __version__})
+    return path
+
+
+def _load_into(model: HGAD, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.trainable_state()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = (f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing
+                else f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        raise InputError(path, f"does not match its config.json: {what}")
+    for key, value in expected.items():
+        if tensors[key].shape != value.shape:
+            raise InputError(path, f"does not match its config.json: {key} has shape "
+                                   f"{tuple(tensors[key].shape)}, config implies {tuple(value.shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_model(run_dir: Path, device: torch.device | str = "cpu", **overrides: Any) -> HGAD:
+    """Rebuild the model of a run folder from its config and weights (backbone from the config)."""
+    run_dir = Path(run_dir)
+    data = read_run_config(run_dir)
+    cfg_dict = {**data["config"], **overrides}
+    cfg = config_from_dict(cfg_dict, source=str(run_dir / CONFIG_FILE))
+    tensors, _ = read_tensors(run_dir / MODEL_FILE)
+    model = HGAD(cfg, list(data["class_names"]))
+    _load_into(model, tensors, run_dir / MODEL_FILE)
+    return model.to(device).eval()
+
+
+def save_resume_state(run_dir: Path, model: HGAD, optimizer: torch.optim.Optimizer,
+                      progress: dict[str, Any]) -> None:
+    """Model + Adam moments + progress counters, one atomic file."""
+    tensors = {f"model.{k}": v for k, v in model.trainable_state().items()}
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            for name, value in optimizer.state.get(p, {}).items():
+                tensors[f"optim.{gi}.{pi}.{name}"] = torch.as_tensor(value).reshape(-1) if name == "step" else value
+    atomic_save_tensors(Path(run_dir) / RESUME_FILE, tensors, metadata={"progress": json.dumps(progress)})
+
+
+def load_resume_state(run_dir: Path, model: HGAD, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what :func:`save_resume_state` wrote; returns the progress counters."""
+    path = Path(run_dir) / RESUME_FILE
+    tensors, meta = read_tensors(path)
+    _load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            state = {}
+            for name in ("step", "exp_avg", "exp_avg_sq"):
+                key = f"optim.{gi}.{pi}.{name}"
+                if key in tensors:
+                    value = tensors[key]
+                    state[name] = value.reshape(()) if name == "step" else value.to(p.device)
+            if state:
+                optimizer.state[p] = state
+    try:
+        return json.loads(meta["progress"])
+    except (KeyError, json.JSONDecodeError):
+        raise InputError(path, "resume checkpoint has no progress record") from None

@@ -1,0 +1,289 @@
+"""The ``hgad`` command line: demo-data, train, test, predict, info.
+
+User mistakes (paths, options, corrupt files) end with one line on stderr and exit code 2; only bugs
+show a traceback. Long work shows progress bars on stderr; results go to stdout and files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hgad import __version__
+from hgad.config import CHOICES, PRESETS, HGADConfig, config_from_dict, load_yaml
+from hgad.errors import ConfigError, HgadError, InputError
+
+__all__ = ["main", "build_parser"]
+
+# friendlier names for the ablation switches (issue: --no-mi, --no-entropy-loss, --intra-centers, ...)
+_FLAG_NAMES = {"use_mi": "mi", "use_entropy": "entropy-loss", "n_intra": "intra-centers"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (usage is in --help)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parse_taps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("model and training settings (override the preset and --config)")
+    hints = typing.get_type_hints(HGADConfig)
+    for f in dataclasses.fields(HGADConfig):
+        flag = "--" + _FLAG_NAMES.get(f.name, f.name.replace("_", "-"))
+        help_text = f"{f.metadata['help']} (fast preset: {f.default})"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        hint = hints[f.name]
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if f.name == "taps":
+            kw["type"], kw["metavar"] = _parse_taps, "I[,I...]"
+        elif f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        elif hint is int:
+            kw["type"] = int
+        elif hint is float:
+            kw["type"] = float
+        if f.name == "n_intra":
+            group.add_argument(flag, "--n-intra", **kw)
+        else:
+            group.add_argument(flag, **kw)
+
+
+def _resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> HGADConfig:
+    values: dict[str, Any] = dict(PRESETS[args.preset]) if base is None else dict(base)
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    for f in dataclasses.fields(HGADConfig):
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return config_from_dict(values, source=str(getattr(args, "config", None) or "settings"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hgad", description="Unified multi-class visual anomaly detection with hierarchical "
+                "Gaussian-mixture normalizing flows (HGAD, ECCV 2024).")
+    p.add_argument("--version", action="version", version=f"hgad {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser("demo-data", help="write the built-in demo dataset (MVTec AD layout)",
+                       description="Write a small MVTec-AD-layout dataset made from real photographs bundled "
+                       "with scikit-image (CC0), with synthetic defects and exact masks.")
+    d.add_argument("out_dir", type=Path, help="folder to create")
+    d.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    d.add_argument("--n-train", type=int, default=40, help="normal training images per class")
+    d.add_argument("--n-test-good", type=int, default=10, help="normal test images per class")
+    d.add_argument("--n-test-defect", type=int, default=18, help="defective test images per class")
+    d.add_argument("--size", type=int, default=256, help="image size in pixels")
+
+    data_help = ("dataset as KIND:PATH, KIND one of mvtec, visa, btad, mvtec3d, folder; repeat to train one "
+                 "model on several datasets")
+    t = sub.add_parser("train", help="train one model on the normal images of all classes",
+                       description="Train a unified HGAD model. Writes RUN_DIR/config.json, model.safetensors, "
+                       "last.safetensors (resume state), train_log.jsonl and train_summary.json.")
+    t.add_argument("--data", action="append", metavar="KIND:PATH", help=data_help)
+    t.add_argument("--classes", help="comma-separated subset of classes (default: all)")
+    t.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder to write")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="fast",
+                   help="fast: small CPU-friendly model (default); paper: the release's settings")
+    t.add_argument("--config", type=Path, metavar="YAML", help="YAML file of settings (keys as the flags below)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in RUN_DIR")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_flags(t)
+
+    e = sub.add_parser("test", help="evaluate a run on a dataset's test split",
+                       description="Score the test images, compute image/pixel AUROC, AUPRO, AP and F1-max per "
+                       "class, and write metrics.json, metrics.md and report.html.")
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    e.add_argument("--data", action="append", metavar="KIND:PATH",
+                   help=data_help + " (default: the training data of the run)")
+    e.add_argument("--classes", help="comma-separated subset of classes")
+    e.add_argument("--protocol", choices=("deploy", "paper"), default="deploy",
+                   help="deploy: statistics stored at training, each image scored alone (default); "
+                   "paper: the release's normalisation by each class's whole test set")
+    e.add_argument("--class-source", choices=("inferred", "known"), default="inferred",
+                   help="class used to score an image: inferred from the latent posterior (default) or the "
+                   "ground truth (paper)")
+    e.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/test-PROTOCOL-CLASSSOURCE)")
+    e.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    e.add_argument("--device", choices=CHOICES["device"], default="auto", help="where to run")
+    e.add_argument("--no-report", action="store_true", help="skip report.html")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("predict", help="score image files or folders (no dataset layout needed)",
+                       description="Score images with the deploy protocol. Writes, per image, the anomaly map "
+                       "(16-bit PNG scaled by --map-scale, or .npy) and a colour overlay, plus scores.csv.")
+    r.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    r.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders")
+    r.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
+    r.add_argument("--threshold", type=float, help="decision threshold (default: the per-class one stored at "
+                   "training: the --threshold-quantile of the training images' scores)")
+    r.add_argument("--class", dest="class_name", help="score every image as this class (default: inferred)")
+    r.add_argument("--map-format", choices=("png16", "npy"), default="png16", help="anomaly map file format")
+    r.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    r.add_argument("--device", choices=CHOICES["device"], default="auto", help="where to run")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("info", help="describe a run folder", description="Print a run's settings, classes "
+                       "and parameter counts.")
+    i.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    return p
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
+def _check_writable(folder: Path) -> None:
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(probe, "is a file, cannot create the output folder in it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(probe, "output folder is not writable")
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from hgad.data import discover
+    from hgad.demo import make_demo_dataset
+
+    _check_writable(args.out_dir)
+    t0 = time.perf_counter()
+    make_demo_dataset(args.out_dir, seed=args.seed, n_train=args.n_train, n_test_good=args.n_test_good,
+                      n_test_defect=args.n_test_defect, size=args.size, progress=True)
+    print(discover([("mvtec", args.out_dir)]).summary())
+    print(f"demo dataset written to {args.out_dir} in {time.perf_counter() - t0:.1f} s "
+          f"(use --data mvtec:{args.out_dir})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hgad.checkpoint import CONFIG_FILE, read_run_config
+    from hgad.data import discover
+    from hgad.model import HGAD
+    from hgad.training import fit, resolve_device
+
+    out: Path = args.out
+    saved = None
+    if args.resume and (out / CONFIG_FILE).is_file():
+        saved = read_run_config(out)
+        cfg = _resolve_config(args, base=saved["config"])
+        data, classes = args.data or saved.get("data"), _csv(args.classes) or saved.get("class_names")
+    else:
+        if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+            raise InputError(out, "run folder exists and is not empty (use --resume to continue it or "
+                             "--overwrite to replace it)")
+        cfg = _resolve_config(args)
+        data, classes = args.data, _csv(args.classes)
+    if not data:
+        raise ConfigError("--data", "required: at least one KIND:PATH")
+    _check_writable(out)
+    catalog = discover(data, classes, need_test=False)
+    if saved is not None and catalog.classes != saved["class_names"]:
+        raise ConfigError("--resume", f"classes differ from the run's: {', '.join(saved['class_names'])}")
+    device = resolve_device(cfg.device)
+    if args.overwrite and not args.resume:
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)
+    print(catalog.summary())
+    model = HGAD(cfg, catalog.classes).to(device)
+    counts = model.flow_parameter_counts()
+    print(f"device {device}; backbone {cfg.backbone} ({cfg.feature_mode}, taps {list(cfg.taps)}), "
+          f"{len(counts)} scales of dims {model.backbone.feature_dims}; trainable parameters per flow: "
+          + ", ".join(f"{c:,}" for c in counts))
+    result = fit(model, catalog.train, out, resume=args.resume, progress=not args.no_progress,
+                 extra_config={"data": [str(d) if isinstance(d, str) else f"{d[0]}:{d[1]}" for d in data]})
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in result.final_terms.items())
+    print(f"trained in {result.seconds:.1f} s ({result.steps} steps); last pass loss terms: {terms}")
+    print(f"training vectors assigned to their own class by the inter-class posterior: "
+          f"{100 * result.train_vector_accuracy:.1f} %")
+    print(f"run written to {out}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from hgad.checkpoint import load_model, read_run_config
+    from hgad.data import discover
+    from hgad.inference import evaluate
+    from hgad.report import markdown_table, write_reports
+    from hgad.training import resolve_device
+
+    saved = read_run_config(args.run_dir)
+    data = args.data or saved.get("data")
+    if not data:
+        raise ConfigError("--data", "required (the run does not record its training data)")
+    model = load_model(args.run_dir, resolve_device(args.device))
+    catalog = discover(data, _csv(args.classes), need_train=False)
+    out = args.out or args.run_dir / f"test-{args.protocol}-{args.class_source}"
+    _check_writable(out)
+    t0 = time.perf_counter()
+    result = evaluate(model, catalog, protocol=args.protocol, class_source=args.class_source,
+                      batch_size=args.batch_size, progress=not args.no_progress, num_workers=model.cfg.num_workers)
+    seconds = time.perf_counter() - t0
+    paths = write_reports(result, out, html=not args.no_report, seconds=seconds)
+    print(markdown_table(result))
+    if result.unseen:
+        print(f"classes not in the model (scored with the inferred class, flagged): {', '.join(result.unseen)}")
+    print(f"tested {len(result.records)} images in {seconds:.1f} s; reports: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hgad.predict import predict_paths
+
+    _check_writable(args.out)
+    summary = predict_paths(args.run_dir, args.paths, args.out, threshold=args.threshold,
+                            class_name=args.class_name, map_format=args.map_format, batch_size=args.batch_size,
+                            device=args.device, progress=not args.no_progress)
+    print(summary)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from hgad.checkpoint import load_model
+
+    model = load_model(args.run_dir)
+    cfg = model.cfg
+    print(f"run {args.run_dir}: {model.n_classes} classes: {', '.join(model.class_names)}")
+    print(f"backbone {cfg.backbone} {cfg.feature_mode} taps {list(cfg.taps)} dims {model.backbone.feature_dims}")
+    print("trainable parameters per flow: " + ", ".join(f"{c:,}" for c in model.flow_parameter_counts()))
+    print(f"deploy statistics stored: {bool(model.calibrated)}")
+    print(cfg.to_json())
+    return 0
+
+
+_COMMANDS = {"demo-data": cmd_demo_data, "train": cmd_train, "test": cmd_test, "predict": cmd_predict,
+             "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except HgadError as err:
+        print(f"hgad {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"hgad {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,204 @@
+"""Run configuration: one dataclass, two presets, YAML files and command-line overrides.
+
+Every knob of the method is a field here with its help text, so the CLI flags, the YAML keys and the
+``config.json`` saved with a run are the same names. Precedence: preset < ``--config`` YAML < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hgad.errors import ConfigError, InputError
+
+__all__ = ["HGADConfig", "PRESETS", "preset", "load_yaml", "config_from_dict", "CHOICES"]
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "feature_mode": ("pyramid", "layers"),
+    "prior": ("hgmm", "gaussian"),
+    "score": ("product", "logp", "entropy"),
+    "cache": ("memory", "disk", "none"),
+    "cache_dtype": ("float16", "bfloat16", "float32"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+@dataclass
+class HGADConfig:
+    """All settings of one run. Defaults are the ``fast`` preset; ``paper`` is the release's."""
+
+    # features (spec §1)
+    backbone: str = _opt("tf_efficientnet_lite0", "timm model name of the frozen feature extractor")
+    backbone_weights: str | None = _opt(
+        None, "weights for the backbone: a local .pth/.safetensors file, 'hub' (download, needs internet) "
+        "or 'none' (random init); default: the weights that ship for the backbone")
+    feature_mode: str = _opt("pyramid", "pyramid: one tap on an image pyramid (paper); layers: several taps")
+    taps: tuple[int, ...] = _opt((3,), "feature indices of the backbone to use (timm features_only order)")
+    pyramid_levels: int = _opt(3, "number of image-pyramid levels (pyramid mode)")
+    img_size: int = _opt(256, "input image size (shorter side resize + centre crop)")
+    map_size: int = _opt(256, "size of the anomaly maps and of the ground-truth masks")
+    # flow (spec §2)
+    n_blocks: int = _opt(8, "coupling blocks per flow")
+    pos_dim: int = _opt(128, "positional-encoding dimensions P (multiple of 4)")
+    clamp: float = _opt(1.9, "affine clamping of the coupling blocks")
+    # prior and losses (spec §3)
+    prior: str = _opt("hgmm", "hgmm: hierarchical Gaussian mixture (HGAD); "
+                      "gaussian: single N(0,I) (unified NF baseline)")
+    n_intra: int = _opt(10, "intra-class centres per class (1 disables the intra-class mixture)")
+    lambda1: float = _opt(1.0, "weight of the inter-class Gaussian-mixture likelihood loss")
+    lambda2: float = _opt(100.0, "weight of the mutual-information loss")
+    use_mi: bool = _opt(True, "use the mutual-information loss")
+    use_entropy: bool = _opt(True, "use the entropy loss")
+    two_stage: bool = _opt(True, "train intra-class centres only after the first stage")
+    # optimisation (spec §4)
+    meta_epochs: int = _opt(6, "meta-epochs (the learning-rate schedule steps once per meta-epoch)")
+    sub_epochs: int = _opt(2, "passes over the data per meta-epoch")
+    stage1_epochs: int = _opt(2, "meta-epochs of stage 1 before the intra-class losses start")
+    batch_size: int = _opt(8, "images per training step")
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(1e-4, "Adam weight decay on flow parameters (not on the prior)")
+    beta1: float = _opt(0.95, "Adam beta1")
+    beta2: float = _opt(0.99, "Adam beta2")
+    warmup_epochs: int = _opt(2, "meta-epochs of linear warm-up from lr/10")
+    seed: int = _opt(0, "random seed (flows, centres, shuffling); a CPU run is repeatable")
+    # speed (spec §6.5)
+    cache: str = _opt("memory", "feature cache: memory, disk (under the run folder) or none (recompute)")
+    cache_dtype: str = _opt("float16", "precision of cached features")
+    device: str = _opt("auto", "auto (CUDA when present), cpu or cuda")
+    amp: bool = _opt(True, "bf16 autocast for the flows on CUDA (ignored on CPU)")
+    num_workers: int = _opt(0, "DataLoader workers for image decoding")
+    # scoring (spec §5, §6.1)
+    score: str = _opt("product", "pixel score: product of both maps (paper), logp only or entropy only")
+    blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly maps (0 disables)")
+    threshold_quantile: float = _opt(
+        0.99, "decision threshold = this quantile of the training images' scores, per class")
+
+    def __post_init__(self) -> None:
+        self.taps = tuple(int(t) for t in self.taps)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that cannot work (before any heavy work starts)."""
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(_flag(name), f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        positive = ("pyramid_levels", "img_size", "map_size", "n_blocks", "pos_dim", "n_intra", "meta_epochs",
+                    "sub_epochs", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(_flag(name), f"must be a positive integer, got {getattr(self, name)}")
+        if self.pos_dim % 4:
+            raise ConfigError("--pos-dim", f"must be a multiple of 4, got {self.pos_dim}")
+        if self.stage1_epochs < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
+            raise ConfigError("--stage1-epochs/--warmup-epochs/--num-workers", "must not be negative")
+        if not self.lr > 0:
+            raise ConfigError("--lr", f"must be positive, got {self.lr}")
+        for name in ("lambda1", "lambda2", "weight_decay", "clamp", "blur_sigma"):
+            value = getattr(self, name)
+            if not (value >= 0 and value < 1e6):
+                raise ConfigError(_flag(name), f"must be in [0, 1e6), got {value}")
+        if self.lambda1 == 0 and self.prior == "hgmm":
+            raise ConfigError("--lambda1", "must be > 0: without the likelihood term the flow is not trained")
+        if not 0 < self.beta1 < 1 or not 0 < self.beta2 < 1:
+            raise ConfigError("--beta1/--beta2", "must be in (0, 1)")
+        if not 0 < self.threshold_quantile <= 1:
+            raise ConfigError("--threshold-quantile", f"must be in (0, 1], got {self.threshold_quantile}")
+        if not self.taps or any(t < 0 for t in self.taps):
+            raise ConfigError("--taps", f"need one or more non-negative indices, got {self.taps}")
+        if self.feature_mode == "pyramid" and len(self.taps) != 1:
+            raise ConfigError("--taps", "pyramid mode uses exactly one tap")
+        if self.prior == "gaussian" and self.score != "logp":
+            # a single Gaussian has no class posterior, hence no entropy map
+            self.score = "logp"
+
+    @property
+    def n_scales(self) -> int:
+        return self.pyramid_levels if self.feature_mode == "pyramid" else len(self.taps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["taps"] = list(self.taps)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_FAST: dict[str, Any] = {}  # the dataclass defaults are the fast preset
+
+_PAPER: dict[str, Any] = {
+    "backbone": "tf_efficientnet_b6",
+    "feature_mode": "pyramid",
+    "taps": (3,),
+    "pyramid_levels": 3,
+    "img_size": 1024,
+    "map_size": 256,
+    "n_blocks": 12,
+    "pos_dim": 256,
+    "n_intra": 10,
+    "lambda1": 1.0,
+    "lambda2": 100.0,
+    "meta_epochs": 25,
+    "sub_epochs": 8,
+    "stage1_epochs": 2,
+    "batch_size": 8,
+    "lr": 2e-4,
+    "weight_decay": 1e-4,
+    "beta1": 0.95,
+    "beta2": 0.99,
+    "warmup_epochs": 2,
+    "seed": 0,
+    "score": "product",
+    "blur_sigma": 4.0,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"fast": _FAST, "paper": _PAPER}
+
+
+def config_from_dict(values: dict[str, Any], *, source: str = "config") -> HGADConfig:
+    """Build a config, rejecting unknown keys with the key named (typos must not pass silently)."""
+    known = {f.name for f in fields(HGADConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(source, f"unknown setting(s) {', '.join(unknown)}")
+    try:
+        return HGADConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(source, str(err)) from None
+
+
+def preset(name: str, **overrides: Any) -> HGADConfig:
+    """The named preset with keyword overrides applied."""
+    if name not in PRESETS:
+        raise ConfigError("--preset", f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return config_from_dict({**PRESETS[name], **overrides}, source=f"preset {name}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of config keys (dashes or underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "config file does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InputError(p, f"not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(p, "expected a mapping of settings at the top level")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

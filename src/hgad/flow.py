@@ -1,0 +1,147 @@
+"""Conditional normalizing flow of HGAD: a stack of affine coupling blocks conditioned on position.
+
+Each block is numerically equivalent to FrEIA 0.2's ``AllInOneBlock`` with ``affine_clamping=1.9``,
+``global_affine_type='SOFTPLUS'`` and ``permute_soft=True`` (spec §2), so that models trained here
+behave like the released ones, but it is written for plain ``(N, D)`` feature vectors, keeps the
+fixed rotation as a buffer (not a parameter) and has an exact inverse with its log-determinant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import special_ortho_group
+from torch import Tensor, nn
+
+from hgad.errors import ConfigError
+
+__all__ = ["positional_encoding_2d", "CouplingBlock", "ConditionalFlow"]
+
+_SOFTPLUS_BETA = 0.5
+
+
+def positional_encoding_2d(channels: int, height: int, width: int) -> Tensor:
+    """Return the 2-D sinusoidal position code ``(channels, height, width)`` (float32).
+
+    The first half of the channels encodes the column index, the second half the row index; within
+    each half channel ``2i`` is ``sin(pos * f_i)`` and ``2i + 1`` is ``cos(pos * f_i)`` with
+    ``f_i = exp(-2i ln(1e4) / (channels / 2))``.
+    """
+    if channels <= 0 or channels % 4 != 0:
+        raise ConfigError("cond_dim", f"must be a positive multiple of 4, got {channels}")
+    if height <= 0 or width <= 0:
+        raise ConfigError("feature map size", f"must be positive, got {height}x{width}")
+    half = channels // 2
+    freqs = torch.exp(torch.arange(0, half, 2, dtype=torch.float64) * (-math.log(1e4) / half))  # (P/4,)
+    cols = torch.arange(width, dtype=torch.float64)[:, None] * freqs  # (W, P/4)
+    rows = torch.arange(height, dtype=torch.float64)[:, None] * freqs  # (H, P/4)
+    pe = torch.empty(channels, height, width, dtype=torch.float64)
+    pe[0:half:2] = torch.sin(cols).T[:, None, :]
+    pe[1:half:2] = torch.cos(cols).T[:, None, :]
+    pe[half::2] = torch.sin(rows).T[:, :, None]
+    pe[half + 1 :: 2] = torch.cos(rows).T[:, :, None]
+    return pe.to(torch.float32)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in at least float32, so log-det sums stay accurate under bf16/fp16 autocast."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _global_scale_init() -> float:
+    """Pre-activation ``g`` such that ``0.1 * softplus_{beta=0.5}(g) == 1``."""
+    return 2.0 * math.log(math.exp(5.0) - 1.0)
+
+
+class CouplingBlock(nn.Module):
+    """One affine coupling block + global affine + fixed rotation on ``(N, D)`` vectors."""
+
+    def __init__(self, dim: int, cond_dim: int, *, clamp: float = 1.9, seed: int = 0) -> None:
+        super().__init__()
+        if dim < 2:
+            raise ConfigError("dim", f"a coupling block needs at least 2 dimensions, got {dim}")
+        if cond_dim < 0:
+            raise ConfigError("cond_dim", f"must be >= 0, got {cond_dim}")
+        if not clamp > 0:
+            raise ConfigError("clamp", f"must be > 0, got {clamp}")
+        if seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {seed}")
+        self.dim = dim
+        self.cond_dim = cond_dim
+        self.clamp = float(clamp)
+        self.split1 = dim - dim // 2  # passive half, ceil(D/2)
+        self.split2 = dim // 2  # transformed half, floor(D/2)
+        width = self.split1 + cond_dim
+        self.subnet = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, 2 * self.split2)
+        )
+        self.global_scale = nn.Parameter(torch.full((dim,), _global_scale_init()))
+        self.global_offset = nn.Parameter(torch.zeros(dim))
+        rot = np.asarray(special_ortho_group.rvs(dim, random_state=seed), dtype=np.float64)
+        self.register_buffer("rotation", torch.from_numpy(rot).to(torch.float32))
+
+    def gamma(self) -> Tensor:
+        """Per-channel global scale ``0.1 * softplus_{beta=0.5}(global_scale)``."""
+        return 0.1 * F.softplus(self.global_scale, beta=_SOFTPLUS_BETA)
+
+    def _coefficients(self, x1: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """Soft-clamped log-scale ``s`` and shift ``t`` for the active half."""
+        a = 0.1 * self.subnet(torch.cat([x1, c.to(x1.dtype)], dim=1))
+        s = self.clamp * torch.tanh(a[:, : self.split2])
+        return s, a[:, self.split2 :]
+
+    def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """Map ``x (N, D)`` with condition ``c (N, P)`` to ``z (N, D)`` and ``log|det J| (N,)`` (>= fp32)."""
+        x1, x2 = x[:, : self.split1], x[:, self.split1 :]
+        s, t = self._coefficients(x1, c)
+        x2 = x2 * torch.exp(s) + t
+        gamma = self.gamma()
+        u = torch.cat([x1, x2], dim=1) * gamma + self.global_offset
+        z = F.linear(u, self.rotation)
+        logdet = _wide(s).sum(dim=1) + torch.log(_wide(gamma)).sum()
+        return z, logdet
+
+    def inverse(self, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact inverse of :meth:`forward`; returns ``x`` and the log-det of the inverse map."""
+        gamma = self.gamma()
+        u = (z @ self.rotation - self.global_offset) / gamma
+        x1, x2 = u[:, : self.split1], u[:, self.split1 :]
+        s, t = self._coefficients(x1, c)
+        x2 = (x2 - t) * torch.exp(-s)
+        logdet = -(_wide(s).sum(dim=1) + torch.log(_wide(gamma)).sum())
+        return torch.cat([x1, x2], dim=1), logdet
+
+
+class ConditionalFlow(nn.Module):
+    """A stack of :class:`CouplingBlock`; block ``b`` draws its rotation with seed ``seed * 1000 + b``."""
+
+    def __init__(self, dim: int, cond_dim: int, n_blocks: int, *, clamp: float = 1.9, seed: int = 0) -> None:
+        super().__init__()
+        if n_blocks < 1:
+            raise ConfigError("n_blocks", f"must be >= 1, got {n_blocks}")
+        if seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {seed}")
+        self.dim = dim
+        self.cond_dim = cond_dim
+        self.blocks = nn.ModuleList(
+            CouplingBlock(dim, cond_dim, clamp=clamp, seed=seed * 1000 + b) for b in range(n_blocks)
+        )
+
+    def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``z`` and the summed log-det ``(N,)`` (at least float32)."""
+        logdet = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        for block in self.blocks:
+            x, ld = block(x, c)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``x`` with ``forward(x, c)[0] == z`` and the log-det of the inverse map."""
+        logdet = torch.zeros(z.shape[0], dtype=torch.float32, device=z.device)
+        for block in reversed(self.blocks):
+            z, ld = block.inverse(z, c)
+            logdet = logdet + ld
+        return z, logdet

@@ -1,0 +1,272 @@
+"""Scoring images with a trained model: whole test sets (``hgad test``) and single images (``predict``).
+
+Two protocols (spec §5, §6.1): ``deploy`` normalises with statistics stored at training, so an image's
+map depends on that image alone; ``paper`` normalises by each class's whole test set as the release
+does (it reproduces the published numbers and cannot score a lone image). Two class sources
+(§6.2): ``known`` uses the ground-truth class, ``inferred`` the class of highest posterior.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hgad.checkpoint import load_model
+from hgad.data import Catalog, ImageDataset, ImageRecord, preprocess
+from hgad.errors import ConfigError
+from hgad.metrics import image_metrics, pixel_metrics, summarise
+from hgad.model import HGAD, LatentMaps
+from hgad.stats import MapStats, compute_map_stats
+from hgad.training import resolve_device
+
+__all__ = ["PROTOCOLS", "CLASS_SOURCES", "Prediction", "Detector", "EvalResult", "evaluate"]
+
+PROTOCOLS = ("deploy", "paper")
+CLASS_SOURCES = ("inferred", "known")
+_HIST_CAP = 20_000  # latent vectors kept per class and group for the likelihood histograms
+
+
+@dataclass
+class Prediction:
+    """The result for one image."""
+
+    score: float  # image anomaly score (max of the map)
+    anomaly_map: np.ndarray  # (M, M) float32 pixel scores
+    class_index: int  # class whose model scored the image
+    class_name: str
+    class_confidence: float  # image-mean posterior of that class (nan for a single-Gaussian prior)
+    threshold: float
+    is_anomalous: bool
+    path: str | None = None
+
+
+class Detector:
+    """A trained model plus its preprocessing: scores PIL images, tensors or files, one by one or batched."""
+
+    def __init__(self, model: HGAD) -> None:
+        self.model = model.eval()
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "auto") -> Detector:
+        """The trained model of a run folder."""
+        return cls(load_model(Path(run_dir), resolve_device(device)))
+
+    @classmethod
+    def fit(cls, data: Sequence[str], out: str | Path, *, preset: str = "fast", classes: Sequence[str] | None = None,
+            resume: bool = False, progress: bool = True, **overrides) -> Detector:
+        """Train on the normal images of ``data`` (``["mvtec:/path", ...]``); same as ``hgad train``."""
+        from hgad.config import preset as make_config
+        from hgad.data import discover
+        from hgad.training import fit
+
+        cfg = make_config(preset, **overrides)
+        catalog = discover(list(data), classes, need_test=False)
+        model = HGAD(cfg, catalog.classes).to(resolve_device(cfg.device))
+        fit(model, catalog.train, Path(out), resume=resume, progress=progress, log=lambda *_: None,
+            extra_config={"data": list(data)})
+        return cls(model.eval())
+
+    def save(self, run_dir: str | Path) -> None:
+        """Write config.json and model.safetensors (atomically) to ``run_dir``."""
+        from hgad.checkpoint import save_model, save_run_config
+
+        save_run_config(Path(run_dir), self.model)
+        save_model(Path(run_dir), self.model)
+
+    def evaluate(self, data: Sequence[str], *, protocol: str = "deploy", class_source: str = "inferred",
+                 classes: Sequence[str] | None = None, progress: bool = False) -> EvalResult:
+        """Metrics on the test split of ``data``; same as ``hgad test``."""
+        from hgad.data import discover
+
+        catalog = discover(list(data), classes, need_train=False)
+        return evaluate(self.model, catalog, protocol=protocol, class_source=class_source, progress=progress)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.class_names
+
+    def preprocess(self, image: Image.Image | Tensor) -> Tensor:
+        if isinstance(image, Image.Image):
+            return preprocess(image, self.model.cfg.img_size)
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ConfigError("image", f"expected a preprocessed (3, H, W) tensor, got {tuple(image.shape)}")
+        return image
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[Image.Image | Tensor] | Image.Image | Tensor, *,
+                class_name: str | None = None, threshold: float | None = None) -> list[Prediction]:
+        """Score images with the deploy protocol. ``class_name`` fixes the class (else inferred)."""
+        if isinstance(images, Image.Image | Tensor) and not (isinstance(images, Tensor) and images.dim() == 4):
+            images = [images]
+        batch = torch.stack([self.preprocess(im) for im in images])
+        model = self.model
+        if not bool(model.calibrated):
+            raise ConfigError("model", "has no deploy statistics (training did not finish calibration)")
+        classes = None
+        if class_name is not None:
+            if class_name not in model.class_names:
+                raise ConfigError("--class", f"unknown class {class_name!r}; known: {', '.join(model.class_names)}")
+            classes = torch.full((len(batch),), model.class_names.index(class_name))
+        lm = model.latent_maps(model.extract(batch), classes)
+        maps = model.maps(lm, model.stored_stats(), clamp=True).cpu()
+        out = []
+        for i in range(len(batch)):
+            c = int(lm.classes[i])
+            thr = float(model.threshold[c]) if threshold is None else threshold
+            score = float(maps[i].max())
+            conf = float(lm.posterior[i, c]) if lm.posterior is not None else float("nan")
+            out.append(Prediction(score=score, anomaly_map=maps[i].numpy(), class_index=c,
+                                  class_name=model.class_names[c], class_confidence=conf, threshold=thr,
+                                  is_anomalous=score > thr))
+        return out
+
+
+@dataclass
+class EvalResult:
+    """Everything ``hgad test`` reports."""
+
+    protocol: str
+    class_source: str
+    per_class: dict[str, dict[str, float]]
+    mean: dict[str, float]
+    class_accuracy: float | None  # image-level accuracy of the class used for scoring
+    records: list[ImageRecord]
+    scores: np.ndarray  # (N,) image scores
+    predicted: np.ndarray  # (N,) model class index used for scoring
+    model_classes: list[str] = field(default_factory=list)  # names of those indices
+    unseen: list[str] = field(default_factory=list)  # dataset classes the model was not trained on
+    histograms: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # class -> normal/anomalous logp
+    examples: dict[str, list[dict]] = field(default_factory=dict)  # class -> [{record, map}]
+
+
+def _class_mapping(model: HGAD, catalog: Catalog, class_source: str) -> tuple[dict[int, int], list[str]]:
+    known = model.class_names
+    mapping, unseen = {}, []
+    for i, name in enumerate(catalog.classes):
+        if name in known:
+            mapping[i] = known.index(name)
+        else:
+            unseen.append(name)
+            mapping[i] = -1
+    if unseen and class_source == "known":
+        raise ConfigError("--data", f"class(es) {', '.join(unseen)} not in the model; it knows: {', '.join(known)}"
+                                    " (use --class-source inferred to score them anyway)")
+    return mapping, unseen
+
+
+def _vector_groups(logp: Tensor, mask: Tensor, label: int) -> tuple[Tensor, Tensor]:
+    """Finest-scale log-likelihoods split into normal and defective vectors (mask-downsampled)."""
+    h, w = logp.shape
+    if label == 0:
+        return logp.flatten(), logp.new_empty(0)
+    if mask.sum() == 0:  # anomalous image without a mask: all its vectors count as anomalous
+        return logp.new_empty(0), logp.flatten()
+    cover = torch.nn.functional.adaptive_avg_pool2d(mask[None, None].float(), (h, w))[0, 0] > 0.5
+    return logp[~cover], logp[cover]
+
+
+@torch.no_grad()
+def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_source: str = "inferred",
+             batch_size: int = 8, progress: bool = True, n_examples: int = 3, num_workers: int = 0) -> EvalResult:
+    """Score the test split of ``catalog`` and compute the metrics per class and their mean."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError("--protocol", f"must be one of {', '.join(PROTOCOLS)}")
+    if class_source not in CLASS_SOURCES:
+        raise ConfigError("--class-source", f"must be one of {', '.join(CLASS_SOURCES)}")
+    if not catalog.test:
+        raise ConfigError("--data", "the dataset has no test images")
+    mapping, unseen = _class_mapping(model, catalog, class_source)
+    if protocol == "paper" and unseen:
+        raise ConfigError("--protocol", "paper protocol needs every test class in the model")
+    if protocol == "deploy" and not bool(model.calibrated):
+        raise ConfigError("--protocol", "the model has no deploy statistics; use --protocol paper")
+    records = list(catalog.test)
+    cfg = model.cfg
+    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers)
+    n = len(records)
+    true_model_cls = torch.tensor([mapping[r.class_index] for r in records])
+    masks = torch.zeros((n, cfg.map_size, cfg.map_size), dtype=torch.bool)
+    maps = torch.zeros((n, cfg.map_size, cfg.map_size))
+    predicted = torch.zeros(n, dtype=torch.long)
+    kept: list[LatentMaps] = []
+    hist: dict[str, dict[str, list[Tensor]]] = {c: {"normal": [], "anomalous": []} for c in catalog.classes}
+    for batch in tqdm(loader, desc=f"test ({protocol}, {class_source})", unit="batch", disable=not progress):
+        idx = batch["index"]
+        known = true_model_cls[idx] if class_source == "known" else None
+        lm = model.latent_maps(model.extract(batch["image"]), known)
+        lm = LatentMaps(logp=[m.cpu() for m in lm.logp], ent=[m.cpu() for m in lm.ent] if lm.ent else None,
+                        posterior=None, classes=lm.classes.cpu())
+        predicted[idx] = lm.classes
+        masks[idx] = batch["mask"][:, 0] > 0.5
+        for j, i in enumerate(idx.tolist()):
+            groups = _vector_groups(lm.logp[0][j], batch["mask"][j, 0], int(batch["label"][j]))
+            name = records[i].class_name
+            hist[name]["normal"].append(groups[0])
+            hist[name]["anomalous"].append(groups[1])
+        if protocol == "deploy":
+            maps[idx] = model.maps(_to(lm, model.device), model.stored_stats(), clamp=True).cpu()
+        else:
+            kept.append(lm)
+    if protocol == "paper":
+        # statistics of each class's whole test set, grouped by the ground-truth class (as the release)
+        logp = [torch.cat(level) for level in zip(*(k.logp for k in kept))]
+        ent = [torch.cat(level) for level in zip(*(k.ent for k in kept))] if kept[0].ent is not None else None
+        stats: tuple[MapStats, MapStats | None] = (
+            compute_map_stats(logp, true_model_cls, model.n_classes, cfg.map_size),
+            compute_map_stats(ent, true_model_cls, model.n_classes, cfg.map_size) if ent else None)
+        for start in range(0, n, batch_size):
+            sl = slice(start, start + batch_size)
+            lm = LatentMaps(logp=[m[sl] for m in logp], ent=[m[sl] for m in ent] if ent else None,
+                            posterior=None, classes=predicted[sl])
+            maps[sl] = model.maps(_to(lm, model.device), stats, clamp=False,
+                                  stat_classes=true_model_cls[sl]).cpu()
+    scores = maps.flatten(1).amax(1)
+    labels = torch.tensor([r.label for r in records])
+    cls_idx = torch.tensor([r.class_index for r in records])
+    per_class: dict[str, dict[str, float]] = {}
+    examples: dict[str, list[dict]] = {}
+    for c, name in enumerate(catalog.classes):
+        sel = (cls_idx == c).nonzero().flatten()
+        if len(sel) == 0:
+            continue
+        m = image_metrics(scores[sel].numpy(), labels[sel].numpy())
+        with_mask = sel[masks[sel].flatten(1).any(1) | (labels[sel] == 0)]
+        if catalog.has_masks.get(name, False) and bool(masks[sel].any()):
+            m.update(pixel_metrics(maps[with_mask].numpy(), masks[with_mask].numpy()))
+        if mapping[c] >= 0:
+            m["class_accuracy"] = float((predicted[sel] == mapping[c]).float().mean())
+        per_class[name] = m
+        normal = [int(i) for i in sel if labels[i] == 0][:n_examples]
+        defect = [int(i) for i in sel if labels[i] == 1][:n_examples]
+        examples[name] = [{"record": records[i], "map": maps[i].numpy(), "score": float(scores[i]),
+                           "mask": masks[i].numpy()} for i in normal + defect]
+    seen = true_model_cls >= 0
+    accuracy = float((predicted[seen] == true_model_cls[seen]).float().mean()) if bool(seen.any()) else None
+    gen = torch.Generator().manual_seed(0)
+    histograms = {}
+    for name, groups in hist.items():
+        histograms[name] = {}
+        for g, parts in groups.items():
+            v = torch.cat(parts) if parts else torch.empty(0)
+            if len(v) > _HIST_CAP:
+                v = v[torch.randperm(len(v), generator=gen)[:_HIST_CAP]]
+            histograms[name][g] = v.numpy()
+    return EvalResult(protocol=protocol, class_source=class_source, per_class=per_class,
+                      mean=summarise(per_class), class_accuracy=accuracy, records=records,
+                      scores=scores.numpy(), predicted=predicted.numpy(),
+                      model_classes=model.class_names, unseen=unseen,
+                      histograms=histograms, examples=examples)
+
+
+def _to(lm: LatentMaps, device: torch.device) -> LatentMaps:
+    return LatentMaps(logp=[m.to(device) for m in lm.logp], ent=[m.to(device) for m in lm.ent] if lm.ent else None,
+                      posterior=None, classes=lm.classes.to(device))
+

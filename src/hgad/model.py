@@ -1,0 +1,208 @@
+"""The HGAD torch model: frozen backbone, one conditional flow and one prior per scale.
+
+Kept apart from training (``hgad.training``) and from dataset-level evaluation (``hgad.inference``):
+this module turns images or cached features into latent vectors, losses and per-scale maps, and holds
+the deploy-protocol statistics that make single-image scoring possible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hgad.backbone import FeatureExtractor
+from hgad.config import HGADConfig
+from hgad.flow import ConditionalFlow, positional_encoding_2d
+from hgad.losses import LossConfig, hgad_loss
+from hgad.prior import HierarchicalPrior
+from hgad.scoring import anomaly_map, class_log_posterior, log_likelihood, neg_entropy
+from hgad.stats import MapStats
+
+__all__ = ["HGAD", "LatentMaps"]
+
+
+@dataclass
+class LatentMaps:
+    """Per-scale maps of a batch of images, before normalisation."""
+
+    logp: list[Tensor]  # per scale (B, h, w): per-dimension log-likelihood
+    ent: list[Tensor] | None  # per scale (B, h, w): negative entropy of the class posterior
+    posterior: Tensor | None  # (B, Y) image-mean class posterior p(y|z)
+    classes: Tensor  # (B,) class whose intra-class mixture scored each image
+    class_maps: list[Tensor] | None = None  # per scale (B, h, w): most probable class of each vector
+
+
+class HGAD(nn.Module):
+    """Unified anomaly detector over ``class_names``; see spec §2–§5."""
+
+    def __init__(self, cfg: HGADConfig, class_names: list[str], backbone: FeatureExtractor | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.class_names = list(class_names)
+        self.backbone = backbone if backbone is not None else FeatureExtractor(
+            cfg.backbone, mode=cfg.feature_mode, taps=cfg.taps, levels=cfg.pyramid_levels,
+            weights=cfg.backbone_weights)
+        self.backbone.check_img_size(cfg.img_size)
+        n_classes = len(self.class_names)
+        dims = self.backbone.feature_dims
+        torch.manual_seed(cfg.seed)  # subnet init draws from the global generator
+        self.flows = nn.ModuleList(
+            ConditionalFlow(d, cfg.pos_dim, cfg.n_blocks, clamp=cfg.clamp, seed=cfg.seed * 100 + lvl)
+            for lvl, d in enumerate(dims))
+        self.priors = nn.ModuleList(
+            HierarchicalPrior(n_classes, d, cfg.n_intra, seed=cfg.seed * 100 + lvl) for lvl, d in enumerate(dims)
+        ) if cfg.prior == "hgmm" else None
+        self.loss_cfg = LossConfig(lambda1=cfg.lambda1, lambda2=cfg.lambda2, use_mi=cfg.use_mi,
+                                   use_entropy=cfg.use_entropy, use_intra=cfg.n_intra > 1,
+                                   prior=cfg.prior)
+        n_scales = len(dims)
+        # deploy-protocol statistics (spec §6.1), filled by calibrate(); saved with the weights
+        self.register_buffer("logp_max", torch.zeros(n_classes, n_scales))
+        self.register_buffer("logp_smax", torch.zeros(n_classes))
+        self.register_buffer("ent_max", torch.zeros(n_classes, n_scales))
+        self.register_buffer("ent_smax", torch.zeros(n_classes))
+        self.register_buffer("threshold", torch.full((n_classes,), float("inf")))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self._pos_cache: dict[tuple[int, int, str], Tensor] = {}
+
+    # ---- parameters and state -------------------------------------------------------------
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logp_max.device
+
+    def train(self, mode: bool = True) -> HGAD:
+        super().train(mode)
+        self.backbone.train(False)  # frozen: batch-norm statistics never move
+        return self
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Everything but the backbone (whose weights are named by the config)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Flows with weight decay, prior without (spec §4)."""
+        groups = [{"params": [p for p in self.flows.parameters() if p.requires_grad],
+                   "weight_decay": weight_decay, "name": "flows"}]
+        if self.priors is not None:
+            groups.append({"params": list(self.priors.parameters()), "weight_decay": 0.0, "name": "prior"})
+        return groups
+
+    def flow_parameter_counts(self) -> list[int]:
+        return [sum(p.numel() for p in f.parameters() if p.requires_grad) for f in self.flows]
+
+    # ---- features to vectors ----------------------------------------------------------------
+    def extract(self, images: Tensor) -> list[Tensor]:
+        """Per-scale backbone features (B, D_l, h_l, w_l) of preprocessed images."""
+        return self.backbone(images.to(self.device))
+
+    def _positions(self, h: int, w: int, device: torch.device) -> Tensor:
+        key = (h, w, str(device))
+        if key not in self._pos_cache:
+            pe = positional_encoding_2d(self.cfg.pos_dim, h, w)
+            self._pos_cache[key] = pe.flatten(1).t().contiguous().to(device)  # (h*w, P)
+        return self._pos_cache[key]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode(self, feat: Tensor, level: int) -> tuple[Tensor, Tensor]:
+        """Flow of scale ``level``: features (B, D, h, w) -> z (B*h*w, D) float32 and log-det (B*h*w,)."""
+        b, d, h, w = feat.shape
+        x = feat.to(self.device, torch.float32).permute(0, 2, 3, 1).reshape(b * h * w, d)
+        c = self._positions(h, w, x.device).repeat(b, 1)
+        with self._autocast():
+            z, logdet = self.flows[level](x, c)
+        return z.float(), logdet.float()
+
+    # ---- training -----------------------------------------------------------------------------
+    def loss(self, feats: list[Tensor], labels: Tensor, stage: int) -> dict[str, Tensor]:
+        """Loss terms summed over scales (scales have disjoint parameters, spec §3)."""
+        total: dict[str, Tensor] = {}
+        labels = labels.to(self.device).long()
+        for lvl, feat in enumerate(feats):
+            z, logdet = self.encode(feat, lvl)
+            vec_labels = labels.repeat_interleave(feat.shape[2] * feat.shape[3])
+            prior = self.priors[lvl] if self.priors is not None else None
+            for name, value in hgad_loss(z, logdet, vec_labels, prior, stage=stage, cfg=self.loss_cfg).items():
+                total[name] = total[name] + value if name in total else value
+        return total
+
+    # ---- scoring --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def latent_maps(self, feats: list[Tensor], classes: Tensor | None = None) -> LatentMaps:
+        """Per-scale log-likelihood and negative-entropy maps.
+
+        ``classes`` given: the known-class protocol; ``None``: each image is scored under the class
+        of highest image-mean posterior (spec §6.2).
+        """
+        b = feats[0].shape[0]
+        zs = [self.encode(f, lvl) for lvl, f in enumerate(feats)]
+        shapes = [f.shape[2:] for f in feats]
+        if self.priors is None:
+            logp = []
+            for (z, logdet), (h, w) in zip(zs, shapes):
+                d = z.shape[1]
+                lp = (-0.5 * d * math.log(2 * math.pi) - 0.5 * z.pow(2).sum(1) + logdet) / d
+                logp.append(lp.view(b, h, w))
+            cls = classes if classes is not None else torch.zeros(b, dtype=torch.long)
+            return LatentMaps(logp=logp, ent=None, posterior=None, classes=cls.to(self.device).long())
+        post = torch.zeros(b, self.n_classes, device=self.device)
+        count = 0
+        class_maps = []
+        for (z, _), prior, (h, w) in zip(zs, self.priors, shapes):
+            lp = class_log_posterior(z, prior.mu, prior.log_pi())
+            post += lp.exp().view(b, h * w, -1).sum(1)
+            class_maps.append(lp.argmax(1).view(b, h, w))
+            count += h * w
+        post /= count
+        cls = (classes.to(self.device).long() if classes is not None else post.argmax(1))
+        logp, ent = [], []
+        for (z, logdet), prior, (h, w) in zip(zs, self.priors, shapes):
+            vec_cls = cls.repeat_interleave(h * w)
+            logp.append(log_likelihood(z, logdet, vec_cls, prior.intra_centres(), prior.log_w()).view(b, h, w))
+            ent.append(neg_entropy(z, prior.mu).view(b, h, w))
+        return LatentMaps(logp=logp, ent=ent, posterior=post, classes=cls, class_maps=class_maps)
+
+    def stored_stats(self) -> tuple[MapStats, MapStats]:
+        """Deploy-protocol statistics (logp, entropy) stored in the model."""
+        return (MapStats(self.logp_max, self.logp_smax), MapStats(self.ent_max, self.ent_smax))
+
+    def set_stats(self, logp: MapStats, ent: MapStats | None) -> None:
+        self.logp_max.copy_(logp.scale_max)
+        self.logp_smax.copy_(logp.s_max)
+        if ent is not None:
+            self.ent_max.copy_(ent.scale_max)
+            self.ent_smax.copy_(ent.s_max)
+        self.calibrated.fill_(True)
+
+    def maps(self, lm: LatentMaps, stats: tuple[MapStats, MapStats | None], *, clamp: bool,
+             stat_classes: Tensor | None = None) -> Tensor:
+        """Final anomaly maps (B, M, M) from latent maps and normalisation statistics (spec §5).
+
+        Statistics rows are those of ``stat_classes`` (default: the classes that scored the images).
+        """
+        cfg = self.cfg
+        rows = lm.classes if stat_classes is None else stat_classes
+        parts = []
+        if cfg.score in ("product", "logp"):
+            mx, smax = stats[0].for_images(rows)
+            parts.append(anomaly_map([m.float() for m in lm.logp], mx.to(self.device), smax.to(self.device),
+                                     cfg.map_size, cfg.blur_sigma, clamp))
+        if cfg.score in ("product", "entropy") and lm.ent is not None and stats[1] is not None:
+            mx, smax = stats[1].for_images(rows)
+            parts.append(anomaly_map([m.float() for m in lm.ent], mx.to(self.device), smax.to(self.device),
+                                     cfg.map_size, cfg.blur_sigma, clamp))
+        out = parts[0]
+        for p in parts[1:]:
+            out = out * p
+        return out

@@ -1,0 +1,57 @@
+"""Normalisation statistics of the anomaly maps (spec §5, §6.1).
+
+The release subtracts, per scale, the maximum log-map over a class's whole *test* set and inverts the
+summed map with its maximum over that set: transductive, so a lone image cannot be scored. The same
+statistics computed once over the *training* images of each class and stored with the model make a
+score depend on nothing but the image itself (``deploy`` protocol). One function serves both: it is
+given the per-scale maps of a set of images and their classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hgad.scoring import combine_scales
+
+__all__ = ["MapStats", "compute_map_stats"]
+
+
+@dataclass
+class MapStats:
+    """Per class ``y`` and scale ``l``: ``scale_max[y, l]`` to subtract and ``s_max[y]`` to invert with."""
+
+    scale_max: Tensor  # (Y, L)
+    s_max: Tensor  # (Y,)
+
+    def for_images(self, classes: Tensor) -> tuple[Tensor, Tensor]:
+        """Gather the rows of each image's class: (B, L) maxima and (B,) inversion constants."""
+        idx = classes.to(self.scale_max.device).long()
+        return self.scale_max[idx], self.s_max[idx]
+
+
+def compute_map_stats(log_maps: Sequence[Tensor], classes: Tensor, n_classes: int, out_size: int,
+                      chunk: int = 64) -> MapStats:
+    """Statistics of per-scale log maps ``log_maps[l]`` (N, h_l, w_l) of images of ``classes`` (N,).
+
+    Classes without images keep ``-inf``/``0`` rows; callers only gather rows of classes they have.
+    """
+    n_scales = len(log_maps)
+    scale_max = torch.full((n_classes, n_scales), float("-inf"))
+    classes = classes.cpu().long()
+    for lvl, m in enumerate(log_maps):
+        per_image = m.detach().float().cpu().flatten(1).amax(1)
+        scale_max[:, lvl].scatter_reduce_(0, classes, per_image, reduce="amax")
+    s_max = torch.zeros(n_classes)
+    s_max_seen = torch.full((n_classes,), float("-inf"))
+    for start in range(0, len(classes), chunk):
+        sl = slice(start, start + chunk)
+        cls = classes[sl]
+        summed = combine_scales([m[sl].float().cpu() for m in log_maps], scale_max[cls], out_size)
+        s_max_seen.scatter_reduce_(0, cls, summed.flatten(1).amax(1), reduce="amax")
+    seen = torch.isfinite(s_max_seen)
+    s_max[seen] = s_max_seen[seen]
+    return MapStats(scale_max=scale_max, s_max=s_max)

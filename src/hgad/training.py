@@ -1,0 +1,304 @@
+"""Training: feature cache, Adam with the release's schedule, two stages, checkpoints and resume.
+
+The backbone is frozen and there is no augmentation, so each training image's features are computed
+once and reused for every pass (spec §6.5). Batch order is a pure function of (seed, epoch), which is
+what makes ``--resume`` land on exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hgad.checkpoint import RESUME_FILE, load_resume_state, save_model, save_resume_state, save_run_config
+from hgad.config import HGADConfig
+from hgad.data import ImageDataset, ImageRecord
+from hgad.errors import ConfigError, TrainingError
+from hgad.io import atomic_path, atomic_write_json
+from hgad.model import HGAD, LatentMaps
+from hgad.stats import compute_map_stats
+
+__all__ = ["resolve_device", "learning_rate", "FeatureStore", "TrainResult", "fit", "calibrate",
+           "epoch_order", "LOG_FILE", "SUMMARY_FILE"]
+
+LOG_FILE = "train_log.jsonl"
+SUMMARY_FILE = "train_summary.json"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def learning_rate(cfg: HGADConfig, meta_epoch: int, frac: float) -> float:
+    """Linear warm-up from lr/10 over the first meta-epochs, then cosine to lr·1e-3 per meta-epoch.
+
+    ``frac`` in [0, 1) is the progress inside the meta-epoch (used only during warm-up).
+    """
+    eta_min = cfg.lr * 1e-3
+
+    def cosine(epoch: float) -> float:
+        return eta_min + (cfg.lr - eta_min) * (1 + math.cos(math.pi * epoch / cfg.meta_epochs)) / 2
+
+    if meta_epoch < cfg.warmup_epochs:
+        p = (meta_epoch + frac) / cfg.warmup_epochs
+        start, end = cfg.lr / 10, cosine(cfg.warmup_epochs)
+        return start + p * (end - start)
+    return cosine(meta_epoch)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
+    """Shuffled image order of one pass, a pure function of (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+class FeatureStore:
+    """Per-scale backbone features of the training images, cached in memory or on disk, or recomputed.
+
+    ``get(idx)`` returns a list of (B, D_l, h_l, w_l) tensors for the images ``idx``.
+    """
+
+    def __init__(self, model: HGAD, records: Sequence[ImageRecord], cfg: HGADConfig,
+                 cache_dir: Path | None = None, progress: bool = True, batch_size: int = 16) -> None:
+        self.model = model
+        self.mode = cfg.cache
+        self.dataset = ImageDataset(records, cfg.img_size, cfg.map_size)
+        self.cfg = cfg
+        self.levels: list[Tensor] = []
+        if self.mode == "none":
+            return
+        dtype = _DTYPES[cfg.cache_dtype]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=False,
+                                             num_workers=cfg.num_workers,
+                                             pin_memory=model.device.type == "cuda")
+        disk = self.mode == "disk" and cache_dir is not None
+        if disk and self._load_disk(cache_dir, len(records)):
+            return
+        bar = tqdm(total=len(self.dataset), desc="features", unit="img", disable=not progress, leave=False)
+        for batch in loader:
+            feats = model.extract(batch["image"])
+            if not self.levels:
+                self.levels = [torch.empty((len(self.dataset), *f.shape[1:]), dtype=dtype) for f in feats]
+            i = batch["index"]
+            for store, f in zip(self.levels, feats):
+                store[i] = f.to("cpu", dtype)
+            bar.update(len(i))
+        bar.close()
+        if disk:
+            self._save_disk(cache_dir)
+
+    def _disk_key(self) -> str:
+        c = self.cfg
+        recs = [str(r.path) for r in self.dataset.records]
+        return json.dumps([c.backbone, c.backbone_weights, c.feature_mode, list(c.taps), c.pyramid_levels,
+                           c.img_size, c.cache_dtype, recs])
+
+    def _save_disk(self, cache_dir: Path) -> None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for lvl, t in enumerate(self.levels):
+            with atomic_path(cache_dir / f"scale{lvl}.npy") as tmp:
+                # bfloat16 has no numpy type: stored as its raw 16 bits
+                arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+                with open(tmp, "wb") as fh:
+                    np.save(fh, arr)
+        atomic_write_json(cache_dir / "key.json", {"key": self._disk_key(), "levels": len(self.levels)})
+
+    def _load_disk(self, cache_dir: Path, n: int) -> bool:
+        meta = cache_dir / "key.json"
+        if not meta.is_file():
+            return False
+        info = json.loads(meta.read_text())
+        if info.get("key") != self._disk_key():
+            return False
+        dtype = _DTYPES[self.cfg.cache_dtype]
+        levels = []
+        for lvl in range(info["levels"]):
+            arr = np.load(cache_dir / f"scale{lvl}.npy", mmap_mode="r")
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            levels.append(t.view(torch.bfloat16) if dtype == torch.bfloat16 else t)
+        if any(t.shape[0] != n for t in levels):
+            return False
+        self.levels = levels
+        return True
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, idx: Tensor) -> list[Tensor]:
+        if self.mode == "none":
+            images = torch.stack([self.dataset[int(i)]["image"] for i in idx])
+            return self.model.extract(images)
+        return [t[idx].to(self.model.device, non_blocking=True) for t in self.levels]
+
+
+@dataclass
+class TrainResult:
+    seconds: float
+    steps: int
+    final_terms: dict[str, float]
+    train_vector_accuracy: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _terms_line(terms: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3g}" for k, v in terms.items())
+
+
+def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: bool = False,
+        progress: bool = True, extra_config: dict | None = None, log=print) -> TrainResult:
+    """Train ``model`` on the normal images ``records``; checkpoints go to ``run_dir``."""
+    cfg = model.cfg
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n = len(records)
+    steps = n // cfg.batch_size
+    if steps == 0:
+        raise ConfigError("--batch-size", f"{cfg.batch_size} is larger than the {n} training images")
+    labels = torch.tensor([r.class_index for r in records])
+    optimizer = torch.optim.Adam(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    start_epoch = 0
+    log_path = run_dir / "train_log.jsonl"
+    if resume and (run_dir / RESUME_FILE).is_file():
+        state = load_resume_state(run_dir, model, optimizer)
+        start_epoch = int(state["epoch"])
+        log(f"resuming from {run_dir / RESUME_FILE} at pass {start_epoch} of {cfg.meta_epochs * cfg.sub_epochs}")
+        _truncate_log(log_path, start_epoch)
+    else:
+        save_run_config(run_dir, model, extra_config)
+        log_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    store = FeatureStore(model, records, cfg, run_dir / "cache", progress=progress)
+    t_feat = time.perf_counter() - t0
+    total_epochs = cfg.meta_epochs * cfg.sub_epochs
+    model.train()
+    last_terms: dict[str, float] = {}
+    bar = tqdm(total=(total_epochs - start_epoch) * steps, desc="train", unit="step", disable=not progress)
+    with open(log_path, "a", encoding="utf-8") as log_fh:
+        for epoch in range(start_epoch, total_epochs):
+            meta, sub = divmod(epoch, cfg.sub_epochs)
+            stage = 1 if cfg.two_stage and meta < cfg.stage1_epochs else 2
+            order = epoch_order(cfg.seed, epoch, n)
+            sums: dict[str, float] = {}
+            t_ep = time.perf_counter()
+            n_vec = 0
+            for step in range(steps):
+                lr = learning_rate(cfg, meta, (sub * steps + step) / (cfg.sub_epochs * steps))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                feats = store.get(idx)
+                terms = model.loss(feats, labels[idx], stage)
+                _check_finite({k: v.detach() for k, v in terms.items()}, epoch, step, "loss term", run_dir)
+                optimizer.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                _check_finite({g["name"]: _grad_norm(g["params"]) for g in optimizer.param_groups},
+                              epoch, step, "gradient of", run_dir)
+                optimizer.step()
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_vec += sum(f.shape[0] * f.shape[2] * f.shape[3] for f in feats)
+                bar.update(1)
+                rate = n_vec / max(time.perf_counter() - t_ep, 1e-9)
+                bar.set_postfix_str(f"pass {epoch + 1}/{total_epochs} stage {stage} lr {lr:.2e} "
+                                    f"{_terms_line(values)} {rate:,.0f} vec/s")
+            secs = time.perf_counter() - t_ep
+            last_terms = {k: v / steps for k, v in sums.items()}
+            record = {"epoch": epoch, "meta_epoch": meta, "sub_epoch": sub, "stage": stage, "lr": lr,
+                      "seconds": round(secs, 4), "vectors_per_s": round(n_vec / max(secs, 1e-9), 1),
+                      **{f"loss_{k}": v for k, v in last_terms.items()}}
+            log_fh.write(json.dumps(record) + "\n")
+            log_fh.flush()
+            save_resume_state(run_dir, model, optimizer, {"epoch": epoch + 1})
+    bar.close()
+    t_train = time.perf_counter() - t0 - t_feat
+    model.eval()
+    accuracy = calibrate(model, store, labels, progress=progress)
+    save_model(run_dir, model)
+    seconds = time.perf_counter() - t0
+    result = TrainResult(seconds=seconds, steps=(total_epochs - start_epoch) * steps, final_terms=last_terms,
+                         train_vector_accuracy=accuracy)
+    atomic_write_json(run_dir / SUMMARY_FILE, {
+        "seconds_total": round(seconds, 2), "seconds_features": round(t_feat, 2),
+        "seconds_training": round(t_train, 2), "passes": total_epochs, "steps": result.steps,
+        "final_loss_terms": last_terms, "train_vector_class_accuracy": accuracy,
+        "n_train_images": n, "device": str(model.device)})
+    return result
+
+
+def _grad_norm(params: list[Tensor]) -> Tensor:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+def _check_finite(values: dict[str, Tensor], epoch: int, step: int, what: str, run_dir: Path) -> None:
+    bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
+    if bad:
+        keep = run_dir / RESUME_FILE
+        kept = f"last good checkpoint kept: {keep}" if keep.exists() else "no checkpoint was written yet"
+        raise TrainingError(f"non-finite {what} {', '.join(bad)} at pass {epoch + 1}, step {step + 1}; "
+                            f"training stopped ({kept})")
+
+
+def _truncate_log(path: Path, epochs_done: int) -> None:
+    """Drop log lines of passes after the checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < epochs_done]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+@torch.no_grad()
+def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: int = 16,
+              progress: bool = True) -> float:
+    """Deploy-protocol statistics and per-class thresholds from the training images (spec §6.1).
+
+    Returns the fraction of training vectors whose most probable class is their own.
+    """
+    n = len(store)
+    logp: list[list[Tensor]] = []
+    ent: list[list[Tensor]] = []
+    hits, total = 0, 0
+    for start in tqdm(range(0, n, batch_size), desc="calibrate", disable=not progress, leave=False):
+        idx = torch.arange(start, min(n, start + batch_size))
+        lm = model.latent_maps(store.get(idx), labels[idx])
+        logp.append([m.cpu() for m in lm.logp])
+        if lm.ent is not None:
+            ent.append([m.cpu() for m in lm.ent])
+        if lm.class_maps is not None:
+            for cm in lm.class_maps:
+                hits += int((cm == lm.classes.view(-1, 1, 1)).sum())
+                total += cm.numel()
+    y, size = model.n_classes, model.cfg.map_size
+    logp_levels = [torch.cat(level) for level in zip(*logp)]
+    ent_levels = [torch.cat(level) for level in zip(*ent)] if ent else None
+    stats_logp = compute_map_stats(logp_levels, labels, y, size)
+    stats_ent = compute_map_stats(ent_levels, labels, y, size) if ent_levels else None
+    model.set_stats(stats_logp, stats_ent)
+    scores = torch.empty(n)
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        lm_logp = [m[sl].to(model.device) for m in logp_levels]
+        lm_ent = [m[sl].to(model.device) for m in ent_levels] if ent_levels else None
+        lm = LatentMaps(logp=lm_logp, ent=lm_ent, posterior=None, classes=labels[sl].to(model.device))
+        scores[sl] = model.maps(lm, model.stored_stats(), clamp=True).flatten(1).amax(1).cpu()
+    for c in range(y):
+        own = scores[labels == c]
+        if len(own):
+            model.threshold[c] = torch.quantile(own.double(), model.cfg.threshold_quantile).float()
+    return hits / total if total else float("nan")
