@@ -20,7 +20,7 @@ from hgad import __version__
 from hgad.config import CHOICES, PRESETS, HGADConfig, config_from_dict, load_yaml
 from hgad.errors import ConfigError, HgadError, InputError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_config_flags", "resolve_config", "check_writable"]
 
 # friendlier names for the ablation switches (issue: --no-mi, --no-entropy-loss, --intra-centers, ...)
 _FLAG_NAMES = {"use_mi": "mi", "use_entropy": "entropy-loss", "n_intra": "intra-centers"}
@@ -40,7 +40,7 @@ def _parse_taps(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def add_config_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("model and training settings (override the preset and --config)")
     hints = typing.get_type_hints(HGADConfig)
     for f in dataclasses.fields(HGADConfig):
@@ -65,7 +65,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, **kw)
 
 
-def _resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> HGADConfig:
+def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> HGADConfig:
     values: dict[str, Any] = dict(PRESETS[args.preset]) if base is None else dict(base)
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in RUN_DIR")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_flags(t)
+    add_config_flags(t)
 
     e = sub.add_parser("test", help="evaluate a run on a dataset's test split",
                        description="Score the test images, compute image/pixel AUROC, AUPRO, AP and F1-max per "
@@ -143,14 +143,34 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a run folder", description="Print a run's settings, classes "
                        "and parameter counts.")
     i.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    for module in _plugins():
+        module.add_parser(sub)
     return p
+
+
+# Subcommands that live in their own module: each has add_parser(subparsers) and run(args) -> int,
+# and its parser sets `command` to its name (argparse does so from the sub-parser name).
+_PLUGIN_MODULES = ("hgad.ablate", "hgad.export")
+
+
+def _plugins() -> list:
+    import importlib
+
+    found = []
+    for name in _PLUGIN_MODULES:
+        try:
+            found.append(importlib.import_module(name))
+        except ModuleNotFoundError as err:
+            if err.name != name:  # the module exists but one of its imports is missing: a real bug
+                raise
+    return found
 
 
 def _csv(text: str | None) -> list[str] | None:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
     probe = folder
     while not probe.exists():
         probe = probe.parent
@@ -164,7 +184,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from hgad.data import discover
     from hgad.demo import make_demo_dataset
 
-    _check_writable(args.out_dir)
+    check_writable(args.out_dir)
     t0 = time.perf_counter()
     make_demo_dataset(args.out_dir, seed=args.seed, n_train=args.n_train, n_test_good=args.n_test_good,
                       n_test_defect=args.n_test_defect, size=args.size, progress=True)
@@ -184,17 +204,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = None
     if args.resume and (out / CONFIG_FILE).is_file():
         saved = read_run_config(out)
-        cfg = _resolve_config(args, base=saved["config"])
+        cfg = resolve_config(args, base=saved["config"])
         data, classes = args.data or saved.get("data"), _csv(args.classes) or saved.get("class_names")
     else:
         if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
             raise InputError(out, "run folder exists and is not empty (use --resume to continue it or "
                              "--overwrite to replace it)")
-        cfg = _resolve_config(args)
+        cfg = resolve_config(args)
         data, classes = args.data, _csv(args.classes)
     if not data:
         raise ConfigError("--data", "required: at least one KIND:PATH")
-    _check_writable(out)
+    check_writable(out)
     catalog = discover(data, classes, need_test=False)
     if saved is not None and catalog.classes != saved["class_names"]:
         raise ConfigError("--resume", f"classes differ from the run's: {', '.join(saved['class_names'])}")
@@ -232,7 +252,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     model = load_model(args.run_dir, resolve_device(args.device))
     catalog = discover(data, _csv(args.classes), need_train=False)
     out = args.out or args.run_dir / f"test-{args.protocol}-{args.class_source}"
-    _check_writable(out)
+    check_writable(out)
     t0 = time.perf_counter()
     result = evaluate(model, catalog, protocol=args.protocol, class_source=args.class_source,
                       batch_size=args.batch_size, progress=not args.no_progress, num_workers=model.cfg.num_workers)
@@ -248,7 +268,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from hgad.predict import predict_paths
 
-    _check_writable(args.out)
+    check_writable(args.out)
     summary = predict_paths(args.run_dir, args.paths, args.out, threshold=args.threshold,
                             class_name=args.class_name, map_format=args.map_format, batch_size=args.batch_size,
                             device=args.device, progress=not args.no_progress)
@@ -279,8 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    commands = dict(_COMMANDS)
+    for module in _plugins():
+        commands.update(module.COMMANDS)
     try:
-        return _COMMANDS[args.command](args)
+        return commands[args.command](args)
     except HgadError as err:
         print(f"hgad {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
