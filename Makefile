@@ -31,9 +31,11 @@ test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: install
-	$(VENV)/bin/hgad demo-data $(DEMO_DATA) --seed 0
-	$(VENV)/bin/hgad train --data mvtec:$(DEMO_DATA) --preset fast --out $(DEMO_RUN) --overwrite
-	$(VENV)/bin/hgad test $(DEMO_RUN) --data mvtec:$(DEMO_DATA)
+	@start=$$(date +%s); \
+	$(VENV)/bin/hgad demo-data $(DEMO_DATA) --seed 0 && \
+	$(VENV)/bin/hgad train --data mvtec:$(DEMO_DATA) --preset fast --out $(DEMO_RUN) --overwrite && \
+	$(VENV)/bin/hgad test $(DEMO_RUN) --data mvtec:$(DEMO_DATA) && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s (after installation); open $(DEMO_RUN)/test-deploy-inferred/report.html"
 
 bench: install
 	$(PY) benchmarks/train_throughput.py

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import shutil
 import sys
+import tempfile
 import time
 import typing
 from collections.abc import Sequence
@@ -38,6 +39,16 @@ def _parse_taps(text: str) -> tuple[int, ...]:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -110,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("test", help="evaluate a run on a dataset's test split",
                        description="Score the test images, compute image/pixel AUROC, AUPRO, AP and F1-max per "
                        "class, and write metrics.json, metrics.md and report.html.")
-    e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder written by hgad train")
     e.add_argument("--data", action="append", metavar="KIND:PATH",
                    help=data_help + " (default: the training data of the run)")
     e.add_argument("--classes", help="comma-separated subset of classes")
@@ -121,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class used to score an image: inferred from the latent posterior (default) or the "
                    "ground truth (paper)")
     e.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/test-PROTOCOL-CLASSSOURCE)")
-    e.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    e.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     e.add_argument("--device", choices=CHOICES["device"], default="auto", help="where to run")
     e.add_argument("--no-report", action="store_true", help="skip report.html")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -129,20 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="score image files or folders (no dataset layout needed)",
                        description="Score images with the deploy protocol. Writes, per image, the anomaly map "
                        "(16-bit PNG scaled by --map-scale, or .npy) and a colour overlay, plus scores.csv.")
-    r.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    r.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder written by hgad train")
     r.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders")
     r.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
     r.add_argument("--threshold", type=float, help="decision threshold (default: the per-class one stored at "
                    "training: the --threshold-quantile of the training images' scores)")
     r.add_argument("--class", dest="class_name", help="score every image as this class (default: inferred)")
     r.add_argument("--map-format", choices=("png16", "npy"), default="png16", help="anomaly map file format")
-    r.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    r.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     r.add_argument("--device", choices=CHOICES["device"], default="auto", help="where to run")
+    r.add_argument("--onnx", type=Path, metavar="FILE", help="run this model exported by 'hgad export' with "
+                   "onnxruntime instead of the PyTorch weights (needs hgad[onnx]); RUN_DIR must be the run it "
+                   "was exported from (checked); --class is not supported")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     i = sub.add_parser("info", help="describe a run folder", description="Print a run's settings, classes "
                        "and parameter counts.")
-    i.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    i.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder written by hgad train")
     for module in _plugins():
         module.add_parser(sub)
     return p
@@ -171,13 +185,18 @@ def _csv(text: str | None) -> list[str] | None:
 
 
 def check_writable(folder: Path) -> None:
-    probe = folder
+    """InputError unless ``folder`` is, or can be created as, a folder we can write in (creates nothing)."""
+    probe = Path(folder)
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise InputError(probe, "is a file, cannot create the output folder in it")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(probe, "output folder is not writable")
+        raise InputError(probe, "is a file, not a folder" if probe == Path(folder)
+                         else "is a file, cannot create the output folder in it")
+    try:  # a real write (an unnamed temporary file): permission bits say nothing for root or /proc
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise InputError(probe, f"output folder is not writable ({err.strerror or type(err).__name__})") from None
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -195,12 +214,14 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hgad.checkpoint import CONFIG_FILE, read_run_config
+    from hgad import distributed
+    from hgad.checkpoint import CONFIG_FILE, RESUME_FILE, read_run_config
     from hgad.data import discover
     from hgad.model import HGAD
     from hgad.training import fit, resolve_device
 
     out: Path = args.out
+    check_writable(out)
     saved = None
     if args.resume and (out / CONFIG_FILE).is_file():
         saved = read_run_config(out)
@@ -214,31 +235,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         data, classes = args.data, _csv(args.classes)
     if not data:
         raise ConfigError("--data", "required: at least one KIND:PATH")
-    check_writable(out)
     catalog = discover(data, classes, need_test=False)
     if saved is not None and catalog.classes != saved["class_names"]:
         raise ConfigError("--resume", f"classes differ from the run's: {', '.join(saved['class_names'])}")
     device = resolve_device(cfg.device)
-    if args.overwrite and not args.resume:
-        import shutil
-        shutil.rmtree(out, ignore_errors=True)
-    print(catalog.summary())
+    ctx = distributed.init(device)  # under torchrun: DDP; rank 0 alone writes and prints
+    main = ctx is None or ctx.is_main
+    say = print if main else _quiet
+    say(catalog.summary())
     model = HGAD(cfg, catalog.classes).to(device)
+    if ctx is not None:
+        ctx.barrier()  # every rank has checked the run folder before rank 0 changes it
+    if args.overwrite and not args.resume and main:
+        shutil.rmtree(out, ignore_errors=True)
+    existed, fresh = out.exists(), not out.exists() or not any(out.iterdir())
     counts = model.flow_parameter_counts()
-    print(f"device {device}; backbone {cfg.backbone} ({cfg.feature_mode}, taps {list(cfg.taps)}), "
+    say(f"device {device}; backbone {cfg.backbone} ({cfg.feature_mode}, taps {list(cfg.taps)}), "
           f"{len(counts)} scales of dims {model.backbone.feature_dims}; trainable parameters per flow: "
           + ", ".join(f"{c:,}" for c in counts))
-    result = fit(model, catalog.train, out, resume=args.resume, progress=not args.no_progress,
-                 extra_config={"data": [str(d) if isinstance(d, str) else f"{d[0]}:{d[1]}" for d in data]})
+    try:
+        result = fit(model, catalog.train, out, resume=args.resume, progress=not args.no_progress,
+                     extra_config={"data": [str(d) if isinstance(d, str) else f"{d[0]}:{d[1]}" for d in data]})
+    except HgadError:
+        if main and fresh and not (out / RESUME_FILE).exists():  # failed before any checkpoint: leave nothing
+            _discard(out, keep_folder=existed)
+        raise
     terms = ", ".join(f"{k} {v:.4g}" for k, v in result.final_terms.items())
-    print(f"trained in {result.seconds:.1f} s ({result.steps} steps); last pass loss terms: {terms}")
-    print(f"training vectors assigned to their own class by the inter-class posterior: "
-          f"{100 * result.train_vector_accuracy:.1f} %")
-    print(f"run written to {out}")
+    say(f"trained in {result.seconds:.1f} s ({result.steps} steps); last pass loss terms: {terms}")
+    say(f"training vectors assigned to their own class by the inter-class posterior: "
+        f"{100 * result.train_vector_accuracy:.1f} %")
+    say(f"run written to {out}")
     return 0
 
 
+def _quiet(*_args: object) -> None:
+    """``print`` of torchrun ranks other than 0."""
+
+
+def _discard(folder: Path, *, keep_folder: bool) -> None:
+    """Remove what a failed fresh run wrote: the folder, or only its contents when it existed before."""
+    if not keep_folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
+    from hgad import distributed
     from hgad.checkpoint import load_model, read_run_config
     from hgad.data import discover
     from hgad.inference import evaluate
@@ -249,14 +296,20 @@ def cmd_test(args: argparse.Namespace) -> int:
     data = args.data or saved.get("data")
     if not data:
         raise ConfigError("--data", "required (the run does not record its training data)")
-    model = load_model(args.run_dir, resolve_device(args.device))
+    device = resolve_device(args.device)
+    ctx = distributed.init(device)  # under torchrun the test images are shared out; rank 0 reports
+    main = ctx is None or ctx.is_main
+    model = load_model(args.run_dir, device)
     catalog = discover(data, _csv(args.classes), need_train=False)
     out = args.out or args.run_dir / f"test-{args.protocol}-{args.class_source}"
     check_writable(out)
     t0 = time.perf_counter()
     result = evaluate(model, catalog, protocol=args.protocol, class_source=args.class_source,
-                      batch_size=args.batch_size, progress=not args.no_progress, num_workers=model.cfg.num_workers)
+                      batch_size=args.batch_size, progress=main and not args.no_progress,
+                      num_workers=model.cfg.num_workers)
     seconds = time.perf_counter() - t0
+    if not main:
+        return 0
     paths = write_reports(result, out, html=not args.no_report, seconds=seconds)
     print(markdown_table(result))
     if result.unseen:
@@ -271,7 +324,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_writable(args.out)
     summary = predict_paths(args.run_dir, args.paths, args.out, threshold=args.threshold,
                             class_name=args.class_name, map_format=args.map_format, batch_size=args.batch_size,
-                            device=args.device, progress=not args.no_progress)
+                            device=args.device, progress=not args.no_progress, onnx=args.onnx)
     print(summary)
     return 0
 
@@ -293,6 +346,14 @@ _COMMANDS = {"demo-data": cmd_demo_data, "train": cmd_train, "test": cmd_test, "
              "info": cmd_info}
 
 
+def _close_progress_bars() -> None:
+    """Close bars an error left open, so the error gets a line of its own (not glued to, then wiped by, a bar)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -305,8 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except HgadError as err:
+        _close_progress_bars()
         print(f"hgad {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"hgad {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -274,8 +274,11 @@ class _DirLayout:
         if need_train:
             train = _images_in(self.train_dir(cls))
             if not train:
-                raise InputError(self.train_dir(cls),
-                                 f"no training images (expected {_LAYOUT_HINTS[self.kind]})")
+                problem = f"no training images (expected {_LAYOUT_HINTS[self.kind]})"
+                guess = _guess_kind(self.root)
+                if guess is not None and guess != self.kind:
+                    problem += f"; it looks like the {guess} layout: use {guess}:{self.root}"
+                raise InputError(self.train_dir(cls), problem)
         masks_expected = True
         if need_test:
             for folder, defect, label in self.test_groups(cls):

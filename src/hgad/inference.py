@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hgad import distributed
 from hgad.checkpoint import load_model
 from hgad.data import Catalog, ImageDataset, ImageRecord, preprocess
 from hgad.errors import ConfigError
@@ -189,32 +190,45 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
         raise ConfigError("--protocol", "the model has no deploy statistics; use --protocol paper")
     records = list(catalog.test)
     cfg = model.cfg
-    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
     n = len(records)
+    # under torchrun each rank scores every world_size-th batch (whole batches: per-image results as alone)
+    ctx = distributed.context()
+    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size),
+                                         batch_sampler=distributed.shard_batches(n, batch_size, ctx),
+                                         num_workers=num_workers)
     true_model_cls = torch.tensor([mapping[r.class_index] for r in records])
     masks = torch.zeros((n, cfg.map_size, cfg.map_size), dtype=torch.bool)
     maps = torch.zeros((n, cfg.map_size, cfg.map_size))
     predicted = torch.zeros(n, dtype=torch.long)
     kept: list[LatentMaps] = []
     hist: dict[str, dict[str, list[Tensor]]] = {c: {"normal": [], "anomalous": []} for c in catalog.classes}
+    parts: list[dict] = []
     for batch in tqdm(loader, desc=f"test ({protocol}, {class_source})", unit="batch", disable=not progress):
         idx = batch["index"]
         known = true_model_cls[idx] if class_source == "known" else None
         lm = model.latent_maps(model.extract(batch["image"]), known)
         lm = LatentMaps(logp=[m.cpu() for m in lm.logp], ent=[m.cpu() for m in lm.ent] if lm.ent else None,
                         posterior=None, classes=lm.classes.cpu())
-        predicted[idx] = lm.classes
-        masks[idx] = batch["mask"][:, 0] > 0.5
-        for j, i in enumerate(idx.tolist()):
-            groups = _vector_groups(lm.logp[0][j], batch["mask"][j, 0], int(batch["label"][j]))
+        part = {"idx": idx, "classes": lm.classes, "mask": batch["mask"][:, 0] > 0.5,
+                "groups": [_vector_groups(lm.logp[0][j], batch["mask"][j, 0], int(batch["label"][j]))
+                           for j in range(len(idx))]}
+        if protocol == "deploy":
+            part["maps"] = model.maps(_to(lm, model.device), model.stored_stats(), clamp=True).cpu()
+        else:
+            part["lm"] = lm
+        parts.append(part)
+    for part in sorted(distributed.all_gather_list(parts, ctx), key=lambda p: int(p["idx"][0])):
+        idx = part["idx"]
+        predicted[idx] = part["classes"]
+        masks[idx] = part["mask"]
+        for i, groups in zip(idx.tolist(), part["groups"]):
             name = records[i].class_name
             hist[name]["normal"].append(groups[0])
             hist[name]["anomalous"].append(groups[1])
         if protocol == "deploy":
-            maps[idx] = model.maps(_to(lm, model.device), model.stored_stats(), clamp=True).cpu()
+            maps[idx] = part["maps"]
         else:
-            kept.append(lm)
+            kept.append(part["lm"])
     if protocol == "paper":
         # statistics of each class's whole test set, grouped by the ground-truth class (as the release)
         logp = [torch.cat(level) for level in zip(*(k.logp for k in kept))]

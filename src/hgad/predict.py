@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hgad.data import list_image_files
-from hgad.errors import InputError
+from hgad.errors import ConfigError, InputError
 from hgad.inference import Detector, Prediction
 from hgad.io import atomic_write_bytes, atomic_write_text
 from hgad.report import overlay
@@ -72,9 +72,19 @@ def _write_outputs(out: Path, stem: str, image: Image.Image, pred: Prediction, m
 
 def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: float | None = None,
                   class_name: str | None = None, map_format: str = "png16", batch_size: int = 8,
-                  device: str = "auto", progress: bool = True) -> str:
-    """Score every image under ``paths``; write maps, overlays and scores.csv to ``out``."""
-    detector = Detector.load(run_dir, device)
+                  device: str = "auto", progress: bool = True, onnx: Path | None = None) -> str:
+    """Score every image under ``paths``; write maps, overlays and scores.csv to ``out``.
+
+    With ``onnx`` (a file written by ``hgad export`` from ``run_dir``) the images go through onnxruntime.
+    """
+    if onnx is not None:
+        from hgad.export import OnnxDetector
+
+        detector: Detector | OnnxDetector = OnnxDetector.load(onnx, device, run_dir=run_dir)
+    else:
+        detector = Detector.load(run_dir, device)
+    if class_name is not None and class_name not in detector.class_names:  # before anything is written
+        raise ConfigError("--class", f"unknown class {class_name!r}; known: {', '.join(detector.class_names)}")
     files = _files(paths)
     if not files:
         raise InputError(paths[0], "no image files found")

@@ -2,11 +2,14 @@
 
 The backbone is frozen and there is no augmentation, so each training image's features are computed
 once and reused for every pass (spec §6.5). Batch order is a pure function of (seed, epoch), which is
-what makes ``--resume`` land on exactly the weights of an uninterrupted run.
+what makes ``--resume`` land on exactly the weights of an uninterrupted run. Under ``torchrun`` the
+same loop runs on every rank with its slice of each global batch (see ``hgad.distributed``); rank 0
+alone writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hgad import distributed
 from hgad.checkpoint import RESUME_FILE, load_resume_state, save_model, save_resume_state, save_run_config
 from hgad.config import HGADConfig
 from hgad.data import ImageDataset, ImageRecord
@@ -36,11 +40,12 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda`` as a device; under a multi-process torchrun, CUDA is ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda requested but no CUDA device is available")
-    return torch.device(name)
+    return distributed.cuda_device() if name == "cuda" else torch.device(name)
 
 
 def learning_rate(cfg: HGADConfig, meta_epoch: int, frac: float) -> float:
@@ -69,7 +74,9 @@ def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
 class FeatureStore:
     """Per-scale backbone features of the training images, cached in memory or on disk, or recomputed.
 
-    ``get(idx)`` returns a list of (B, D_l, h_l, w_l) tensors for the images ``idx``.
+    ``get(idx)`` returns a list of (B, D_l, h_l, w_l) tensors for the images ``idx``. Under torchrun
+    every rank caches all images (each pass reshuffles which rank sees which image): the ranks extract
+    alternate batches and exchange them, and rank 0 alone writes the disk cache.
     """
 
     def __init__(self, model: HGAD, records: Sequence[ImageRecord], cfg: HGADConfig,
@@ -82,23 +89,36 @@ class FeatureStore:
         if self.mode == "none":
             return
         dtype = _DTYPES[cfg.cache_dtype]
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=False,
-                                             num_workers=cfg.num_workers,
+        ctx = distributed.context()
+        batches = distributed.shard_batches(len(self.dataset), batch_size, ctx)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                              pin_memory=model.device.type == "cuda")
         disk = self.mode == "disk" and cache_dir is not None
-        if disk and self._load_disk(cache_dir, len(records)):
+        loaded = disk and self._load_disk(cache_dir, len(records))
+        if ctx is not None:  # all ranks must take the same branch: collectives follow on one of them
+            loaded = distributed.count_true(loaded, ctx) == ctx.world_size
+            self.levels = self.levels if loaded else []
+        if loaded:
             return
-        bar = tqdm(total=len(self.dataset), desc="features", unit="img", disable=not progress, leave=False)
+        # zeros, not empty, under torchrun: rows other ranks extract are summed in by merge_disjoint_
+        alloc = torch.empty if ctx is None else torch.zeros
+        bar = tqdm(total=sum(map(len, batches)), desc="features", unit="img", disable=not progress, leave=False)
         for batch in loader:
             feats = model.extract(batch["image"])
             if not self.levels:
-                self.levels = [torch.empty((len(self.dataset), *f.shape[1:]), dtype=dtype) for f in feats]
+                self.levels = [alloc((len(self.dataset), *f.shape[1:]), dtype=dtype) for f in feats]
             i = batch["index"]
             for store, f in zip(self.levels, feats):
                 store[i] = f.to("cpu", dtype)
             bar.update(len(i))
         bar.close()
-        if disk:
+        if ctx is not None:
+            if not self.levels:  # fewer batches than ranks: one image gives the shapes
+                shapes = [f.shape[1:] for f in model.extract(self.dataset[0]["image"][None])]
+                self.levels = [alloc((len(self.dataset), *s), dtype=dtype) for s in shapes]
+            for store in self.levels:
+                distributed.merge_disjoint_(store, ctx)
+        if disk and (ctx is None or ctx.is_main):
             self._save_disk(cache_dir)
 
     def _disk_key(self) -> str:
@@ -160,10 +180,20 @@ def _terms_line(terms: dict[str, float]) -> str:
 
 def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: bool = False,
         progress: bool = True, extra_config: dict | None = None, log=print) -> TrainResult:
-    """Train ``model`` on the normal images ``records``; checkpoints go to ``run_dir``."""
+    """Train ``model`` on the normal images ``records``; checkpoints go to ``run_dir``.
+
+    Under torchrun (an initialised process group of several ranks) this trains with DDP; every rank
+    returns the same result and the same calibrated model, and the files are written when it returns.
+    """
     cfg = model.cfg
+    ctx = distributed.context()
+    distributed.check_batch_size(cfg.batch_size, ctx)
+    main = ctx is None or ctx.is_main
+    if not main:
+        progress, log = False, _silent
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:  # other ranks only read the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
     n = len(records)
     steps = n // cfg.batch_size
     if steps == 0:
@@ -172,25 +202,37 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
     optimizer = torch.optim.Adam(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     start_epoch = 0
     log_path = run_dir / "train_log.jsonl"
-    if resume and (run_dir / RESUME_FILE).is_file():
+    has_state = resume and (run_dir / RESUME_FILE).is_file()
+    if ctx is not None and 0 < distributed.count_true(has_state, ctx) < ctx.world_size:
+        raise ConfigError("--out", f"only some processes see {run_dir / RESUME_FILE}: to resume on several "
+                                   "machines the run folder must be on a file system they all share")
+    if has_state:
         state = load_resume_state(run_dir, model, optimizer)
         start_epoch = int(state["epoch"])
         log(f"resuming from {run_dir / RESUME_FILE} at pass {start_epoch} of {cfg.meta_epochs * cfg.sub_epochs}")
-        _truncate_log(log_path, start_epoch)
-    else:
+        if main:
+            _truncate_log(log_path, start_epoch)
+    elif main:
         save_run_config(run_dir, model, extra_config)
         log_path.unlink(missing_ok=True)
+    if ctx is not None:
+        ctx.barrier()  # every rank has read the resume state before rank 0 may overwrite it
     t0 = time.perf_counter()
     store = FeatureStore(model, records, cfg, run_dir / "cache", progress=progress)
     t_feat = time.perf_counter() - t0
     total_epochs = cfg.meta_epochs * cfg.sub_epochs
+    world = 1 if ctx is None else ctx.world_size
     model.train()
     last_terms: dict[str, float] = {}
     bar = tqdm(total=(total_epochs - start_epoch) * steps, desc="train", unit="step", disable=not progress)
-    with open(log_path, "a", encoding="utf-8") as log_fh:
+    ddp, ddp_stage = None, 0
+    with open(log_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as log_fh:
         for epoch in range(start_epoch, total_epochs):
             meta, sub = divmod(epoch, cfg.sub_epochs)
             stage = 1 if cfg.two_stage and meta < cfg.stage1_epochs else 2
+            if ctx is not None and stage != ddp_stage:
+                ddp = None  # release the previous stage's gradient hooks before registering new ones
+                ddp, ddp_stage = distributed.wrap_loss(model, stage, ctx), stage
             order = epoch_order(cfg.seed, epoch, n)
             sums: dict[str, float] = {}
             t_ep = time.perf_counter()
@@ -199,19 +241,24 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
                 lr = learning_rate(cfg, meta, (sub * steps + step) / (cfg.sub_epochs * steps))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                idx = distributed.rank_slice(order[step * cfg.batch_size:(step + 1) * cfg.batch_size], ctx)
                 feats = store.get(idx)
-                terms = model.loss(feats, labels[idx], stage)
-                _check_finite({k: v.detach() for k, v in terms.items()}, epoch, step, "loss term", run_dir)
+                if ddp is None:
+                    terms = model.loss(feats, labels[idx], stage)
+                    shown = {k: v.detach() for k, v in terms.items()}
+                else:  # global-batch means: every rank sees the same values, so the guard agrees
+                    terms = ddp(feats, labels[idx], stage)
+                    shown = distributed.all_reduce_mean(terms, ctx)
+                _check_finite(shown, epoch, step, "loss term", run_dir)
                 optimizer.zero_grad(set_to_none=True)
-                terms["total"].backward()
+                terms["total"].backward()  # under DDP this also averages the gradients over ranks
                 _check_finite({g["name"]: _grad_norm(g["params"]) for g in optimizer.param_groups},
                               epoch, step, "gradient of", run_dir)
                 optimizer.step()
-                values = {k: float(v.detach()) for k, v in terms.items()}
+                values = {k: float(v) for k, v in shown.items()}
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
-                n_vec += sum(f.shape[0] * f.shape[2] * f.shape[3] for f in feats)
+                n_vec += world * sum(f.shape[0] * f.shape[2] * f.shape[3] for f in feats)
                 bar.update(1)
                 rate = n_vec / max(time.perf_counter() - t_ep, 1e-9)
                 bar.set_postfix_str(f"pass {epoch + 1}/{total_epochs} stage {stage} lr {lr:.2e} "
@@ -221,23 +268,34 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
             record = {"epoch": epoch, "meta_epoch": meta, "sub_epoch": sub, "stage": stage, "lr": lr,
                       "seconds": round(secs, 4), "vectors_per_s": round(n_vec / max(secs, 1e-9), 1),
                       **{f"loss_{k}": v for k, v in last_terms.items()}}
-            log_fh.write(json.dumps(record) + "\n")
-            log_fh.flush()
-            save_resume_state(run_dir, model, optimizer, {"epoch": epoch + 1})
+            if main:
+                log_fh.write(json.dumps(record) + "\n")
+                log_fh.flush()
+                save_resume_state(run_dir, model, optimizer, {"epoch": epoch + 1})
+    ddp = None
     bar.close()
     t_train = time.perf_counter() - t0 - t_feat
     model.eval()
+    # every rank calibrates on the whole cache: same weights and features give the same statistics
     accuracy = calibrate(model, store, labels, progress=progress)
-    save_model(run_dir, model)
+    if main:
+        save_model(run_dir, model)
     seconds = time.perf_counter() - t0
     result = TrainResult(seconds=seconds, steps=(total_epochs - start_epoch) * steps, final_terms=last_terms,
                          train_vector_accuracy=accuracy)
-    atomic_write_json(run_dir / SUMMARY_FILE, {
-        "seconds_total": round(seconds, 2), "seconds_features": round(t_feat, 2),
-        "seconds_training": round(t_train, 2), "passes": total_epochs, "steps": result.steps,
-        "final_loss_terms": last_terms, "train_vector_class_accuracy": accuracy,
-        "n_train_images": n, "device": str(model.device)})
+    if main:
+        atomic_write_json(run_dir / SUMMARY_FILE, {
+            "seconds_total": round(seconds, 2), "seconds_features": round(t_feat, 2),
+            "seconds_training": round(t_train, 2), "passes": total_epochs, "steps": result.steps,
+            "final_loss_terms": last_terms, "train_vector_class_accuracy": accuracy,
+            "n_train_images": n, "device": str(model.device), **({"processes": world} if ctx else {})})
+    if ctx is not None:
+        ctx.barrier()  # the run folder is complete when fit returns, on every rank
     return result
+
+
+def _silent(*_args: object) -> None:
+    """``log`` of ranks other than 0."""
 
 
 def _grad_norm(params: list[Tensor]) -> Tensor:

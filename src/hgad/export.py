@@ -1,0 +1,297 @@
+"""``hgad export``: the whole deploy-protocol inference path as one ONNX graph, and a detector that runs it.
+
+A deployment target often has onnxruntime but no torch/timm stack, so the exported graph goes from a
+preprocessed image batch straight to the anomaly map, image score, inferred class and its confidence,
+with the normalisation statistics stored at training baked in; only the batch size is dynamic. The
+model's own code is traced (no second implementation to drift), and the export is checked against
+PyTorch on a random batch before the file is written. ``onnx`` and ``onnxruntime`` are optional
+(``pip install 'hgad[onnx]'``) and imported only here, only when needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from hgad import __version__
+from hgad.data import preprocess
+from hgad.errors import ConfigError, InputError
+from hgad.inference import Prediction
+from hgad.model import HGAD
+from hgad.scoring import image_scores
+
+__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "DEFAULT_OPSET", "InferenceGraph", "ExportCheck", "export_onnx",
+           "OnnxDetector", "add_parser", "run_export", "COMMANDS"]
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("anomaly_map", "score", "class_index", "class_confidence")
+DEFAULT_OPSET = 17
+_MIN_OPSET = 13  # per-image reductions and gathers as used here need opset 13 operator forms
+_CHECK_TOLERANCE = 1e-3  # an export that disagrees more than this with PyTorch is a bug, never written
+_META_KEY = "hgad_version"  # present in every graph this module writes
+_PREPROCESSING = ("RGB; shorter side resized to img_size (Lanczos) then centre-cropped; /255; "
+                  "ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); NCHW float32")
+
+
+def _require(module: str, option: str) -> ModuleType:
+    """Import an optional dependency, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(option, f"needs the optional package '{module}': pip install 'hgad[onnx]'") from None
+
+
+class InferenceGraph(nn.Module):
+    """``images (B, 3, S, S)`` -> ``maps (B, M, M)``, ``scores (B,)``, ``classes (B,) int64``, ``confidences (B,)``.
+
+    Exactly what :meth:`hgad.inference.Detector.predict` computes with the class inferred: latent maps
+    under the class of highest image-mean posterior, normalised by the stored deploy statistics.
+    The confidence is that class's posterior (NaN for a single-Gaussian prior, which has no classes).
+    """
+
+    def __init__(self, model: HGAD) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        model = self.model
+        lm = model.latent_maps(model.extract(images), None)
+        maps = model.maps(lm, model.stored_stats(), clamp=True)
+        scores = image_scores(maps)
+        classes = lm.classes.long()
+        if lm.posterior is None:
+            confidences = torch.full_like(scores, float("nan"))
+        else:
+            confidences = lm.posterior.gather(1, classes[:, None])[:, 0]
+        return maps, scores, classes, confidences
+
+
+@dataclass
+class ExportCheck:
+    """Agreement of onnxruntime with PyTorch on the random batch the export was checked with."""
+
+    max_abs_diff: float  # over maps, scores and confidences of images whose class agrees
+    classes_agree: int
+    n_images: int
+    n_nodes: int
+
+
+def _metadata(model: HGAD) -> dict[str, str]:
+    thresholds = [float(t) if math.isfinite(float(t)) else None for t in model.threshold.tolist()]
+    return {
+        _META_KEY: __version__,
+        "class_names": json.dumps(model.class_names),
+        "thresholds": json.dumps(thresholds),  # null: no threshold (never anomalous)
+        "img_size": str(model.cfg.img_size),
+        "map_size": str(model.cfg.map_size),
+        "score": model.cfg.score,
+        "preprocessing": _PREPROCESSING,
+        "outputs": "anomaly_map (B,M,M) float32; score (B,) float32 = max of the map; class_index (B,) int64; "
+                   "class_confidence (B,) float32 = image-mean posterior of that class",
+        "config": model.cfg.to_json(),
+    }
+
+
+def _trace(graph: InferenceGraph, example: Tensor, opset: int) -> bytes:
+    buf = io.BytesIO()
+    names = [INPUT_NAME, *OUTPUT_NAMES]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter; the result is checked below
+        torch.onnx.export(graph, (example,), buf, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=list(OUTPUT_NAMES), opset_version=opset, do_constant_folding=True,
+                          dynamic_axes={name: {0: "batch"} for name in names})
+    return buf.getvalue()
+
+
+def _session(ort: ModuleType, model: bytes | str, providers: Sequence[str]) -> Any:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only
+    return ort.InferenceSession(model, sess_options=opts, providers=list(providers))
+
+
+def _compare(torch_out: Sequence[Tensor], ort_out: Sequence[np.ndarray]) -> tuple[float, int]:
+    """Largest absolute difference of the float outputs over images of agreeing class, and their count."""
+    agree = torch_out[2].cpu().numpy() == ort_out[2]
+    diff = 0.0
+    for i in (0, 1, 3):
+        ref, got = torch_out[i].cpu().numpy()[agree], ort_out[i][agree]
+        if ref.size and not np.isnan(ref).all():
+            diff = max(diff, float(np.nanmax(np.abs(ref - got))))
+    return diff, int(agree.sum())
+
+
+def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, seed: int = 0) -> ExportCheck:
+    """Write ``model``'s inference path to ``out`` (atomically) after checking it with onnxruntime.
+
+    The model is exported on the CPU in float32. The check runs a random batch of 2 through both
+    PyTorch and onnxruntime; a disagreement beyond 1e-3 means an exporter bug and raises RuntimeError.
+    """
+    onnx = _require("onnx", "--format onnx")
+    ort = _require("onnxruntime", "--format onnx")
+    from hgad.io import atomic_write_bytes
+
+    if not bool(model.calibrated):
+        raise ConfigError("model", "has no deploy statistics (training did not finish calibration); "
+                                   "nothing to export")
+    max_opset = int(onnx.defs.onnx_opset_version())
+    if not _MIN_OPSET <= opset <= max_opset:
+        raise ConfigError("--opset", f"must be in {_MIN_OPSET}..{max_opset}, got {opset}")
+    model = model.to("cpu").float().eval()
+    graph = InferenceGraph(model)
+    size = model.cfg.img_size
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        data = _trace(graph, torch.randn(1, 3, size, size, generator=gen), opset)
+    except torch.onnx.errors.UnsupportedOperatorError as err:
+        raise ConfigError("--opset", f"{opset} cannot express the model: {str(err).splitlines()[0]}") from None
+    proto = onnx.load_from_string(data)
+    for key, value in _metadata(model).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = f"hgad {__version__} deploy-protocol inference: {INPUT_NAME} -> {', '.join(OUTPUT_NAMES)}"
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    batch = torch.randn(2, 3, size, size, generator=gen)
+    with torch.no_grad():
+        ref = graph(batch)
+    got = _session(ort, data, ["CPUExecutionProvider"]).run(None, {INPUT_NAME: batch.numpy()})
+    diff, agree = _compare(ref, got)
+    check = ExportCheck(max_abs_diff=diff, classes_agree=agree, n_images=len(batch), n_nodes=len(proto.graph.node))
+    if agree < len(batch) or not diff <= _CHECK_TOLERANCE:
+        raise RuntimeError(f"ONNX export disagrees with PyTorch ({agree}/{len(batch)} classes agree, "
+                           f"max abs diff {diff:.3g}); {out} not written")
+    atomic_write_bytes(out, data)
+    return check
+
+
+def _providers(ort: ModuleType, device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ConfigError("--device", "cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxDetector:
+    """An exported graph run with onnxruntime; same ``predict`` as :class:`hgad.inference.Detector`."""
+
+    def __init__(self, session: Any, class_names: list[str], thresholds: list[float], img_size: int,
+                 map_size: int) -> None:
+        self.session = session
+        self._class_names = class_names
+        self.thresholds = thresholds
+        self.img_size = img_size
+        self.map_size = map_size
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", *, run_dir: str | Path | None = None) -> OnnxDetector:
+        """Open a file written by ``hgad export``; with ``run_dir``, check that it was exported from that run."""
+        ort = _require("onnxruntime", "--onnx")
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(path, "ONNX model not found")
+        try:
+            session = _session(ort, str(path), _providers(ort, device))
+        except ConfigError:
+            raise
+        except Exception as err:  # onnxruntime reports bad files with several exception types
+            raise InputError(path, f"not a readable ONNX model ({str(err).splitlines()[0][:120]})") from None
+        meta = session.get_modelmeta().custom_metadata_map
+        try:
+            if _META_KEY not in meta:
+                raise KeyError(_META_KEY)
+            names = list(json.loads(meta["class_names"]))
+            thresholds = [math.inf if t is None else float(t) for t in json.loads(meta["thresholds"])]
+            img_size, map_size = int(meta["img_size"]), int(meta["map_size"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise InputError(path, f"not an ONNX model written by 'hgad export' (metadata: {err})") from None
+        if run_dir is not None:
+            from hgad.checkpoint import read_run_config
+
+            saved = read_run_config(Path(run_dir))
+            if list(saved["class_names"]) != names or int(saved["config"].get("img_size", -1)) != img_size:
+                raise ConfigError("--onnx", f"{path} was not exported from {run_dir} (classes or image size "
+                                            "differ)")
+        return cls(session, names, thresholds, img_size, map_size)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._class_names
+
+    def preprocess(self, image: Image.Image | Tensor) -> Tensor:
+        if isinstance(image, Image.Image):
+            return preprocess(image, self.img_size)
+        if image.dim() != 3 or tuple(image.shape) != (3, self.img_size, self.img_size):
+            raise ConfigError("image", f"expected a preprocessed (3, {self.img_size}, {self.img_size}) tensor, "
+                                       f"got {tuple(image.shape)}")
+        return image
+
+    def predict(self, images: Sequence[Image.Image | Tensor] | Image.Image | Tensor, *,
+                class_name: str | None = None, threshold: float | None = None) -> list[Prediction]:
+        """Score images like :meth:`Detector.predict` with the class inferred (forcing it is not exported)."""
+        if class_name is not None:
+            raise ConfigError("--class", "forcing the class is not supported by the exported ONNX graph "
+                                         "(it always infers the class); score with the run instead")
+        if isinstance(images, Image.Image | Tensor) and not (isinstance(images, Tensor) and images.dim() == 4):
+            images = [images]
+        batch = torch.stack([self.preprocess(im) for im in images]).float().cpu().numpy()
+        maps, scores, classes, conf = self.session.run(None, {INPUT_NAME: batch})
+        out = []
+        for i in range(len(batch)):
+            c = int(classes[i])
+            thr = self.thresholds[c] if threshold is None else threshold
+            score = float(scores[i])
+            out.append(Prediction(score=score, anomaly_map=maps[i], class_index=c, class_name=self._class_names[c],
+                                  class_confidence=float(conf[i]), threshold=thr, is_anomalous=score > thr))
+        return out
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a run's inference path (ONNX) for onnxruntime",
+        description="Export the whole deploy-protocol inference path of a run (preprocessed image batch -> "
+        "anomaly map, image score, inferred class, class confidence) as one ONNX graph with a dynamic batch "
+        "and the training statistics built in. Class names, thresholds, img_size and map_size are stored in "
+        "the model's metadata. The export is checked with onnxruntime on a random batch before it is written. "
+        "Needs: pip install 'hgad[onnx]'. Run it with: hgad predict RUN_DIR PATH --onnx FILE.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="trained run folder")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx)")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write (atomically)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset version, {_MIN_OPSET} or later (default: {DEFAULT_OPSET})")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from hgad.checkpoint import load_model
+    from hgad.cli import check_writable
+
+    if args.out.is_dir():
+        raise InputError(args.out, "is a folder; --out names the file to write")
+    check_writable(args.out.parent)
+    model = load_model(args.run_dir, "cpu")
+    check = export_onnx(model, args.out, opset=args.opset)
+    print(f"onnxruntime check on a random batch of {check.n_images}: classes agree {check.classes_agree}/"
+          f"{check.n_images}, max abs diff {check.max_abs_diff:.3g} (maps, scores, confidences)")
+    print(f"exported {args.run_dir} ({len(model.class_names)} classes, img_size {model.cfg.img_size}, "
+          f"{check.n_nodes} nodes, opset {args.opset}) to {args.out}")
+    return 0
+
+
+COMMANDS = {"export": run_export}
