@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +112,8 @@ def _assert_same_grads(got: dict, want: dict) -> None:
             assert got[name] is None or not got[name].any(), name
         else:
             assert got[name] is not None, name
-            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+            # relative to the gradient's norm: float32 distances in another form, times lambda2 = 100
+            assert (got[name] - want[name]).norm() <= 1e-4 * want[name].norm() + 1e-8, name
 
 
 def _full_grad_of_mu(backbone, batch, stage: int) -> torch.Tensor:
@@ -185,24 +185,23 @@ def test_gaussian_prior_has_no_prior_parameters(backbone, batch):
     assert lm.ent is None
 
 
-def _first_pass(backbone, data: Path, out: Path, *flags: str) -> dict:
-    cfg = _cfg("--stage1-epochs", "1", *flags)
-    catalog = discover([f"mvtec:{data}"], need_test=False)
-    fit(HGAD(cfg, catalog.classes, backbone=backbone), catalog.train, out, progress=False, log=lambda *_: None)
-    return json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
-
-
 def test_no_two_stage_trains_intra_terms_from_the_first_pass(backbone, tiny_data, tmp_path):
-    two_stage = _first_pass(backbone, tiny_data, tmp_path / "a")
-    assert two_stage["stage"] == 1 and "loss_in" not in two_stage and "loss_z" not in two_stage
-    one_stage = _first_pass(backbone, tiny_data, tmp_path / "b", "--no-two-stage")
-    assert one_stage["epoch"] == 0 and one_stage["stage"] == 2
-    assert "loss_in" in one_stage and "loss_z" in one_stage
+    # one stage-1 meta-epoch is asked for; --no-two-stage must override it (training.fit picks the stage)
+    cfg = _cfg("--stage1-epochs", "1", "--no-two-stage")
+    assert (cfg.stage1_epochs, cfg.two_stage) == (1, False)
+    catalog = discover([f"mvtec:{tiny_data}"], need_test=False)
+    fit(HGAD(cfg, catalog.classes, backbone=backbone), catalog.train, tmp_path, progress=False,
+        log=lambda *_: None)
+    first = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["epoch"] == 0 and first["stage"] == 2
+    assert "loss_in" in first and "loss_z" in first
 
 
 def test_ablate_runs_every_rung_and_resumes(tiny_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "abl"
-    argv = ["ablate", "--data", f"mvtec:{tiny_data}", "--out", str(out), "--no-progress", *tiny_flags(**MICRO)]
+    # 128-px input: the finest map (8x8) has cells inside the defect boxes, so there are anomalous vectors
+    flags = tiny_flags(**{**MICRO, "img_size": 128, "pyramid_levels": 1})
+    argv = ["ablate", "--data", f"mvtec:{tiny_data}", "--out", str(out), "--no-progress", *flags]
     assert main(argv) == 0
     payload = json.loads((out / "ablation.json").read_text())
     assert [r["name"] for r in payload["rungs"]] == [r.name for r in RUNGS]
@@ -214,6 +213,7 @@ def test_ablate_runs_every_rung_and_resumes(tiny_data, tmp_path, capsys, monkeyp
     assert (full["n_intra"], full["score"]) == (2, "product")
     for row in payload["rungs"]:
         assert 0 <= row["mean"]["image_auroc"] <= 1 and 0 <= row["vector_auroc"] <= 1
+        assert row["n_vectors"]["normal"] > 0 and row["n_vectors"]["anomalous"] > 0
         saved = json.loads((out / row["folder"] / "config.json").read_text())["config"]
         assert saved["seed"] == 0 and saved["meta_epochs"] == 1  # same seed and schedule everywhere
     assert set(payload["score_variants"]) == {"product", "logp", "entropy"}

@@ -143,7 +143,7 @@ def _orthogonalise(flow: ConditionalFlow) -> None:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "strength", "atol"), [(torch.float32, 0.5, 1e-5), (torch.float64, 6.0, 1e-9)]
+    ("dtype", "strength", "atol"), [(torch.float32, 0.5, 1e-5), (torch.float64, 6.0, 1e-8)]
 )
 def test_inverse_recovers_input(dtype: torch.dtype, strength: float, atol: float) -> None:
     flow = ConditionalFlow(9, 8, 4, seed=2)

@@ -16,20 +16,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import io
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hgad.cli import add_config_flags, check_writable, resolve_config
 from hgad.config import PRESETS, HGADConfig, config_from_dict
 from hgad.errors import ConfigError, InputError
-from hgad.io import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hgad.model import HGAD
 
 __all__ = ["Rung", "RUNGS", "LADDER_FLAGS", "PROTOCOL", "CLASS_SOURCE", "SCORES", "rung_config",
            "run_ablation", "ablation_markdown", "add_parser", "COMMANDS"]
@@ -69,6 +75,57 @@ RUNGS: tuple[Rung, ...] = (
     Rung("+intra", "5-intra", "+ intra-class centres (full HGAD)",
          {"prior": "hgmm", "use_mi": True, "use_entropy": True}),
 )
+
+
+@functools.cache
+def _shared_backbone_type() -> type:
+    """The backbone wrapper class, defined on first use so that loading the CLI does not import torch."""
+    import torch
+    from torch import nn
+
+    class SharedBackbone(nn.Module):
+        """The frozen backbone shared by every rung; an image batch seen before is answered from memory.
+
+        Each rung extracts the same images in the same batches (training cache, test set, score
+        variants), so all but the first extraction are lookups. Features are kept exactly as computed,
+        up to ``budget_bytes``; past that, batches are computed as usual.
+        """
+
+        def __init__(self, inner: nn.Module, budget_bytes: int = 2 << 30) -> None:
+            super().__init__()
+            self.inner = inner
+            self.feature_dims = inner.feature_dims
+            self.budget_bytes = budget_bytes
+            self.stored_bytes = 0
+            self._memo: dict[tuple, list[torch.Tensor]] = {}
+
+        def check_img_size(self, img_size: int) -> None:
+            self.inner.check_img_size(img_size)
+
+        def train(self, mode: bool = True) -> SharedBackbone:
+            return super().train(False)
+
+        @torch.no_grad()
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            data = x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+            key = (tuple(x.shape), str(x.device), hashlib.blake2b(data, digest_size=20).hexdigest())
+            if key in self._memo:
+                return list(self._memo[key])
+            feats = self.inner(x)
+            size = sum(f.numel() * f.element_size() for f in feats)
+            if self.stored_bytes + size <= self.budget_bytes:
+                self._memo[key] = list(feats)
+                self.stored_bytes += size
+            return feats
+
+    return SharedBackbone
+
+
+def _share_backbone(model: HGAD, shared: nn.Module | None) -> nn.Module:
+    """Put the ladder's shared, memoising backbone into ``model`` (made from the model's own on first use)."""
+    shared = shared if shared is not None else _shared_backbone_type()(model.backbone)
+    model.backbone = shared
+    return shared
 
 
 def rung_config(base: HGADConfig, rung: Rung) -> HGADConfig:
@@ -113,6 +170,8 @@ def _vector_auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
 
 def _save_vectors(path: Path, histograms: dict[str, dict[str, np.ndarray]]) -> None:
     """Pooled finest-scale log-likelihoods of normal and anomalous test vectors (no pickle)."""
+    from hgad.io import atomic_path
+
     pooled = {g: np.concatenate([h[g] for h in histograms.values()] or [np.empty(0)]).astype(np.float32)
               for g in ("normal", "anomalous")}
     with atomic_path(path) as tmp:
@@ -177,6 +236,7 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
     from hgad.checkpoint import MODEL_FILE, RESUME_FILE, load_model
     from hgad.data import discover
     from hgad.inference import evaluate
+    from hgad.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from hgad.model import HGAD
     from hgad.report import write_reports
     from hgad.training import fit, resolve_device
@@ -187,7 +247,7 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
     catalog = discover(data, classes)
     _check_existing(out, cfgs, catalog.classes)
     device = resolve_device(base.device)
-    backbone = None  # frozen and equal for every rung: built once
+    backbone: nn.Module | None = None  # frozen and equal for every rung: built once
     rows: list[dict[str, Any]] = []
     vectors: dict[str, dict[str, np.ndarray]] = {}
     variants: dict[str, dict[str, Any]] = {}
@@ -202,11 +262,12 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
             if (run_dir / MODEL_FILE).is_file():
                 log(f"{tag}: trained model found in {run_dir}, testing it")
                 model = load_model(run_dir, device)
+                backbone = _share_backbone(model, backbone)
             else:
                 resume = (run_dir / RESUME_FILE).is_file()
                 log(f"{tag}: {'resuming' if resume else 'training'} {rung.title} in {run_dir}")
                 model = HGAD(cfg, catalog.classes, backbone=backbone).to(device)
-                backbone = model.backbone
+                backbone = _share_backbone(model, backbone)
                 fit(model, catalog.train, run_dir, resume=resume, progress=progress, log=log,
                     extra_config={"data": data})
             t0 = time.perf_counter()
@@ -228,7 +289,8 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
         rows.append(row)
         log(f"{tag}: {_summary(row['mean'])}, vector AUROC {_fmt(row['vector_auroc'])}")
         if rung is RUNGS[-1]:
-            variants = _score_variants(run_dir, model, cfg, metrics, catalog, device, progress, log, tag)
+            variants = _score_variants(run_dir, model, backbone, cfg, metrics, catalog, device, progress, log,
+                                       tag)
     payload = {"data": data, "classes": catalog.classes, "protocol": PROTOCOL, "class_source": CLASS_SOURCE,
                "settings": _comparable(cfgs[-1].to_dict()), "rungs": rows, "score_variants": variants}
     out.mkdir(parents=True, exist_ok=True)
@@ -238,8 +300,9 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
     return payload
 
 
-def _score_variants(run_dir: Path, model, cfg: HGADConfig, own: dict[str, Any], catalog, device, progress: bool,
-                    log: Callable[[str], None], tag: str) -> dict[str, dict[str, Any]]:
+def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | None, cfg: HGADConfig, own: dict[str, Any],
+                    catalog, device, progress: bool, log: Callable[[str], None], tag: str
+                    ) -> dict[str, dict[str, Any]]:
     """Mean metrics of the full model under each pixel score: the same weights, only re-scored.
 
     The pixel score is read from ``model.cfg`` at scoring time, so a variant is the trained model
@@ -257,7 +320,9 @@ def _score_variants(run_dir: Path, model, cfg: HGADConfig, own: dict[str, Any], 
         eval_dir = run_dir / f"{EVAL_DIR}-score-{score}"
         if not (eval_dir / "metrics.json").is_file():
             log(f"{tag}: re-scoring with --score {score}")
-            model = model if model is not None else load_model(run_dir, device)
+            if model is None:
+                model = load_model(run_dir, device)
+                backbone = _share_backbone(model, backbone)
             model.cfg = dataclasses.replace(cfg, score=score)
             t0 = time.perf_counter()
             result = evaluate(model, catalog, protocol=PROTOCOL, class_source=CLASS_SOURCE, progress=progress,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -133,6 +135,11 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, SafetensorError) as err:
         raise InputError(path, f"cannot read weights: {_one_line(err)}") from None
+    except pickle.UnpicklingError as err:  # torch's own text advises unsafe loading, in terminal colours
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise InputError(path, f"not a loadable weights file: refused, it holds pickled objects other than "
+                         f"tensors{what}, which could run code; save a plain state dict or .safetensors") from None
     except Exception as err:  # any failure to unpickle user data is a bad file
         # weights_only refuses arbitrary globals with UnpicklingError; truncated or corrupt
         # archives fail with RuntimeError, EOFError, ValueError, ... depending on where they break.

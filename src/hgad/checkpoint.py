@@ -59,7 +59,17 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             meta = fh.metadata() or {}
             return {k: fh.get_tensor(k) for k in fh.keys()}, meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        if _looks_pickled(path):
+            raise InputError(path, "refused: a pickle (torch.save) file, not safetensors; it was not loaded, "
+                             "since unpickling can run code") from None
         raise InputError(path, f"not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A torch.save zip archive or a raw pickle stream (protocol 2+), from its first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head == b"PK\x03\x04" or (len(head) == 4 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def save_model(run_dir: Path, model: HGAD) -> Path:

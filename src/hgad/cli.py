@@ -240,6 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--resume", f"classes differ from the run's: {', '.join(saved['class_names'])}")
     device = resolve_device(cfg.device)
     ctx = distributed.init(device)  # under torchrun: DDP; rank 0 alone writes and prints
+    distributed.check_batch_size(cfg.batch_size, ctx)  # before --overwrite removes anything
     main = ctx is None or ctx.is_main
     say = print if main else _quiet
     say(catalog.summary())
@@ -299,8 +300,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ctx = distributed.init(device)  # under torchrun the test images are shared out; rank 0 reports
     main = ctx is None or ctx.is_main
+    catalog = discover(data, _csv(args.classes), need_train=False)  # cheap checks first: fail before loading
     model = load_model(args.run_dir, device)
-    catalog = discover(data, _csv(args.classes), need_train=False)
     out = args.out or args.run_dir / f"test-{args.protocol}-{args.class_source}"
     check_writable(out)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import atexit
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hgad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hgad.model import HGAD
 
 __all__ = ["DistContext", "env_world_size", "cuda_device", "init", "context", "check_batch_size",
            "rank_slice", "shard_batches", "stage_parameters", "wrap_loss", "all_reduce_mean", "count_true",
@@ -58,7 +61,8 @@ def _env_int(name: str, default: int | None = None) -> int:
     if text is None:
         if default is None:
             raise ConfigError(name, "environment variable missing: WORLD_SIZE is set, so hgad expects to be "
-                                    "launched by torchrun, which sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")
+                                    "launched by torchrun, which sets RANK, LOCAL_RANK, MASTER_ADDR and "
+                                    "MASTER_PORT")
         return default
     try:
         return int(text)
@@ -137,7 +141,7 @@ def shard_batches(n: int, batch_size: int, ctx: DistContext | None) -> list[list
 
 
 # ---- DDP -----------------------------------------------------------------------------------------
-def stage_parameters(model: nn.Module, stage: int) -> list[nn.Parameter]:
+def stage_parameters(model: HGAD, stage: int) -> list[nn.Parameter]:
     """The trainable parameters that ``model.loss(..., stage)`` reaches.
 
     Stage 1, or a prior without intra-class centres, leaves the intra-class parameters without a
@@ -145,9 +149,8 @@ def stage_parameters(model: nn.Module, stage: int) -> list[nn.Parameter]:
     keeps their gradients ``None`` (so Adam leaves them and their step counts alone, as when alone).
     """
     params = [p for group in model.param_groups(0.0) for p in group["params"]]
-    priors = getattr(model, "priors", None)
-    if priors is not None and not (stage == 2 and model.loss_cfg.use_intra):
-        unused = {id(p) for prior in priors for p in prior.intra_parameters()}
+    if model.priors is not None and not (stage == 2 and model.loss_cfg.use_intra):
+        unused = {id(p) for prior in model.priors for p in prior.intra_parameters()}
         params = [p for p in params if id(p) not in unused]
     return params
 
@@ -155,16 +158,17 @@ def stage_parameters(model: nn.Module, stage: int) -> list[nn.Parameter]:
 class _StageLoss(nn.Module):
     """Registers one stage's parameters (the same objects as the model's) and returns the loss terms."""
 
-    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter]) -> None:
+    def __init__(self, model: HGAD, params: Sequence[nn.Parameter]) -> None:
         super().__init__()
         self.trained = nn.ParameterList(params)
-        self.loss_fn = model.loss  # a bound method: the model is not a sub-module, so DDP syncs only `trained`
+        # a bound method: the model is not a sub-module, so DDP syncs only `trained`
+        self.loss_fn = model.loss
 
     def forward(self, feats: list[Tensor], labels: Tensor, stage: int) -> dict[str, Tensor]:
         return self.loss_fn(feats, labels, stage)
 
 
-def wrap_loss(model: nn.Module, stage: int, ctx: DistContext) -> DistributedDataParallel:
+def wrap_loss(model: HGAD, stage: int, ctx: DistContext) -> DistributedDataParallel:
     """DDP over the parameters of ``stage``; calling it returns ``model.loss(feats, labels, stage)``.
 
     Build one per stage and drop the previous one first (its gradient hooks go with it).

@@ -41,6 +41,7 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score", "class_index", "class_confidence")
 DEFAULT_OPSET = 17
 _MIN_OPSET = 13  # per-image reductions and gathers as used here need opset 13 operator forms
+_MAX_OPSET = 20  # the last opset of torch's TorchScript-based exporter
 _CHECK_TOLERANCE = 1e-3  # an export that disagrees more than this with PyTorch is a bug, never written
 _META_KEY = "hgad_version"  # present in every graph this module writes
 _PREPROCESSING = ("RGB; shorter side resized to img_size (Lanczos) then centre-cropped; /255; "
@@ -137,7 +138,7 @@ def _compare(torch_out: Sequence[Tensor], ort_out: Sequence[np.ndarray]) -> tupl
 def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, seed: int = 0) -> ExportCheck:
     """Write ``model``'s inference path to ``out`` (atomically) after checking it with onnxruntime.
 
-    The model is exported on the CPU in float32. The check runs a random batch of 2 through both
+    The model is moved to the CPU and traced in float32 (no autocast). The check runs a random batch of 2 through both
     PyTorch and onnxruntime; a disagreement beyond 1e-3 means an exporter bug and raises RuntimeError.
     """
     onnx = _require("onnx", "--format onnx")
@@ -147,10 +148,10 @@ def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, see
     if not bool(model.calibrated):
         raise ConfigError("model", "has no deploy statistics (training did not finish calibration); "
                                    "nothing to export")
-    max_opset = int(onnx.defs.onnx_opset_version())
+    max_opset = min(_MAX_OPSET, int(onnx.defs.onnx_opset_version()))
     if not _MIN_OPSET <= opset <= max_opset:
         raise ConfigError("--opset", f"must be in {_MIN_OPSET}..{max_opset}, got {opset}")
-    model = model.to("cpu").float().eval()
+    model = model.to("cpu").eval()
     graph = InferenceGraph(model)
     size = model.cfg.img_size
     gen = torch.Generator().manual_seed(seed)
@@ -275,7 +276,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write (atomically)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset version, {_MIN_OPSET} or later (default: {DEFAULT_OPSET})")
+                   help=f"ONNX opset version, {_MIN_OPSET} to {_MAX_OPSET} (default: {DEFAULT_OPSET})")
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -4,6 +4,12 @@ Each block is numerically equivalent to FrEIA 0.2's ``AllInOneBlock`` with ``aff
 ``global_affine_type='SOFTPLUS'`` and ``permute_soft=True`` (spec §2), so that models trained here
 behave like the released ones, but it is written for plain ``(N, D)`` feature vectors, keeps the
 fixed rotation as a buffer (not a parameter) and has an exact inverse with its log-determinant.
+
+Written for speed where the arithmetic allows it without changing the map: the condition (the same
+positional code for every image of a batch) may be given once per position, and is then projected
+once per block instead of once per vector (about 30 % of a training step's arithmetic); and the
+rotations are drawn with a QR-based Haar sampler instead of scipy's (same distribution, about
+100x faster to build, see :func:`haar_rotation`).
 """
 
 from __future__ import annotations
@@ -13,12 +19,11 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import special_ortho_group
 from torch import Tensor, nn
 
 from hgad.errors import ConfigError
 
-__all__ = ["positional_encoding_2d", "CouplingBlock", "ConditionalFlow"]
+__all__ = ["positional_encoding_2d", "haar_rotation", "CouplingBlock", "ConditionalFlow"]
 
 _SOFTPLUS_BETA = 0.5
 
@@ -44,6 +49,43 @@ def positional_encoding_2d(channels: int, height: int, width: int) -> Tensor:
     pe[half::2] = torch.sin(rows).T[:, :, None]
     pe[half + 1 :: 2] = torch.cos(rows).T[:, :, None]
     return pe.to(torch.float32)
+
+
+def haar_rotation(dim: int, seed: int) -> Tensor:
+    """A ``(dim, dim)`` float64 rotation drawn uniformly (Haar measure) from SO(dim), seeded.
+
+    ``G = QR`` of a standard Gaussian matrix (numpy PCG64 generator seeded with ``seed``); scaling
+    column ``j`` of ``Q`` by ``sign(R_jj)`` makes the factorisation unique and ``Q`` Haar distributed
+    on O(dim) (Mezzadri 2007). When ``det Q = -1`` the first column is negated, a fixed reflection
+    that maps the Haar measure of that coset onto the Haar measure of SO(dim): the distribution of
+    ``scipy.stats.special_ortho_group``, which FrEIA's ``permute_soft`` uses.
+
+    The QR is a Householder loop in numpy element-wise operations, not a LAPACK call: numpy's
+    threaded BLAS fights torch's OpenMP threads for the cores and then takes up to a second per
+    matrix on a small machine; this loop takes about 10 ms for ``dim = 112`` in any case.
+    """
+    if dim < 1:
+        raise ConfigError("dim", f"must be >= 1, got {dim}")
+    r = np.random.default_rng(seed).standard_normal((dim, dim))
+    q = np.eye(dim)
+    det_sign = 1.0
+    for k in range(dim - 1):
+        x = r[k:, k]
+        norm = math.sqrt(float((x * x).sum()))
+        v = x.copy()
+        v[0] += norm if v[0] >= 0 else -norm  # reflect x onto -sign(x_0)|x| e_0 (no cancellation)
+        vv = float((v * v).sum())
+        if vv == 0.0:  # column already zero below the diagonal: no reflection
+            continue
+        # R <- H R and Q <- Q H with H = I - 2 v v^T / (v^T v), restricted to rows/columns k:
+        r[k:, k:] -= np.multiply.outer(v, (v[:, None] * r[k:, k:]).sum(0) * (2.0 / vv))
+        q[:, k:] -= np.multiply.outer((q[:, k:] * v).sum(1) * (2.0 / vv), v)
+        det_sign = -det_sign  # each reflection has determinant -1
+    signs = np.where(np.diagonal(r) < 0, -1.0, 1.0)
+    q *= signs
+    if det_sign * float(np.prod(signs)) < 0:
+        q[:, 0] = -q[:, 0]
+    return torch.from_numpy(q)
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -80,21 +122,33 @@ class CouplingBlock(nn.Module):
         )
         self.global_scale = nn.Parameter(torch.full((dim,), _global_scale_init()))
         self.global_offset = nn.Parameter(torch.zeros(dim))
-        rot = np.asarray(special_ortho_group.rvs(dim, random_state=seed), dtype=np.float64)
-        self.register_buffer("rotation", torch.from_numpy(rot).to(torch.float32))
+        self.register_buffer("rotation", haar_rotation(dim, seed).to(torch.float32))
 
     def gamma(self) -> Tensor:
         """Per-channel global scale ``0.1 * softplus_{beta=0.5}(global_scale)``."""
         return 0.1 * F.softplus(self.global_scale, beta=_SOFTPLUS_BETA)
 
     def _coefficients(self, x1: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """Soft-clamped log-scale ``s`` and shift ``t`` for the active half."""
-        a = 0.1 * self.subnet(torch.cat([x1, c.to(x1.dtype)], dim=1))
+        """Soft-clamped log-scale ``s`` and shift ``t`` for the active half.
+
+        ``subnet([x1 | c])`` with the first layer split into its ``x1`` and ``c`` columns, so that a
+        condition shared by every image (``c`` of shape ``(L, P)``, ``N = B * L``) is projected once
+        and broadcast over the ``B`` images instead of once per vector.
+        """
+        first, last = self.subnet[0], self.subnet[2]
+        hidden = F.linear(x1, first.weight[:, : self.split1])
+        c_proj = F.linear(c.to(x1.dtype), first.weight[:, self.split1 :], first.bias)  # (L, H)
+        hidden = (hidden.view(-1, *c_proj.shape) + c_proj).flatten(0, 1)
+        a = 0.1 * last(F.relu(hidden))
         s = self.clamp * torch.tanh(a[:, : self.split2])
         return s, a[:, self.split2 :]
 
     def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """Map ``x (N, D)`` with condition ``c (N, P)`` to ``z (N, D)`` and ``log|det J| (N,)`` (>= fp32)."""
+        """Map ``x (N, D)`` to ``z (N, D)`` and ``log|det J| (N,)`` (at least float32).
+
+        The condition ``c`` is ``(N, P)``, or ``(L, P)`` with ``N`` a multiple of ``L``: then row ``i``
+        of ``x`` is conditioned on row ``i mod L`` of ``c`` (the same positions in every image).
+        """
         x1, x2 = x[:, : self.split1], x[:, self.split1 :]
         s, t = self._coefficients(x1, c)
         x2 = x2 * torch.exp(s) + t
@@ -131,7 +185,7 @@ class ConditionalFlow(nn.Module):
         )
 
     def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``z`` and the summed log-det ``(N,)`` (at least float32)."""
+        """Return ``z`` and the summed log-det ``(N,)`` (at least float32); ``c`` as in :meth:`CouplingBlock.forward`."""
         logdet = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         for block in self.blocks:
             x, ld = block(x, c)

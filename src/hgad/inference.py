@@ -259,7 +259,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
             m["class_accuracy"] = float((predicted[sel] == mapping[c]).float().mean())
         per_class[name] = m
         normal = [int(i) for i in sel if labels[i] == 0][:n_examples]
-        defect = [int(i) for i in sel if labels[i] == 1][:n_examples]
+        defect = _spread_over_types([int(i) for i in sel if labels[i] == 1], records, n_examples)
         examples[name] = [{"record": records[i], "map": maps[i].numpy(), "score": float(scores[i]),
                            "mask": masks[i].numpy()} for i in normal + defect]
     seen = true_model_cls >= 0
@@ -278,6 +278,20 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
                       scores=scores.numpy(), predicted=predicted.numpy(),
                       model_classes=model.class_names, unseen=unseen,
                       histograms=histograms, examples=examples)
+
+
+def _spread_over_types(indices: list[int], records: list[ImageRecord], n: int) -> list[int]:
+    """Up to ``n`` examples taken round-robin over defect types, so the report shows each kind."""
+    by_type: dict[str, list[int]] = {}
+    for i in indices:
+        by_type.setdefault(records[i].defect_type, []).append(i)
+    queues = list(by_type.values())
+    picked: list[int] = []
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return picked
 
 
 def _to(lm: LatentMaps, device: torch.device) -> LatentMaps:

@@ -119,7 +119,7 @@ class HGAD(nn.Module):
         """Flow of scale ``level``: features (B, D, h, w) -> z (B*h*w, D) float32 and log-det (B*h*w,)."""
         b, d, h, w = feat.shape
         x = feat.to(self.device, torch.float32).permute(0, 2, 3, 1).reshape(b * h * w, d)
-        c = self._positions(h, w, x.device).repeat(b, 1)
+        c = self._positions(h, w, x.device)  # (h*w, P), shared by the b images (not repeated)
         with self._autocast():
             z, logdet = self.flows[level](x, c)
         return z.float(), logdet.float()

@@ -77,6 +77,9 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
 
     With ``onnx`` (a file written by ``hgad export`` from ``run_dir``) the images go through onnxruntime.
     """
+    files = _files(paths)  # missing paths fail before the model is loaded
+    if not files:
+        raise InputError(paths[0], "no image files found")
     if onnx is not None:
         from hgad.export import OnnxDetector
 
@@ -85,9 +88,6 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
         detector = Detector.load(run_dir, device)
     if class_name is not None and class_name not in detector.class_names:  # before anything is written
         raise ConfigError("--class", f"unknown class {class_name!r}; known: {', '.join(detector.class_names)}")
-    files = _files(paths)
-    if not files:
-        raise InputError(paths[0], "no image files found")
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
     stems: dict[str, int] = {}

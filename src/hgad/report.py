@@ -172,7 +172,7 @@ def _html(result: EvalResult) -> str:
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}td:first-child{text-align:left}"
              "tr.mean{font-weight:bold;background:#eef}figure{display:inline-block;margin:6px}"
-             "figcaption{font-size:12px}.legend{color:#555;font-size:13px}")
+             "figcaption{font-size:12px}.legend{color:#555;font-size:13px}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>hgad report</title><style>{style}</style>"
             f"</head><body><h1>hgad evaluation report</h1><p>protocol <b>{result.protocol}</b>, class source "
             f"<b>{result.class_source}</b>, {len(result.records)} test images. Values in %.</p>"

@@ -27,7 +27,7 @@ from hgad.checkpoint import RESUME_FILE, load_resume_state, save_model, save_res
 from hgad.config import HGADConfig
 from hgad.data import ImageDataset, ImageRecord
 from hgad.errors import ConfigError, TrainingError
-from hgad.io import atomic_path, atomic_write_json
+from hgad.io import atomic_path, atomic_write_json, atomic_write_text
 from hgad.model import HGAD, LatentMaps
 from hgad.stats import compute_map_stats
 
@@ -40,7 +40,7 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu`` or ``cuda`` as a device; under a multi-process torchrun, CUDA is ``cuda:LOCAL_RANK``."""
+    """``auto``, ``cpu`` or ``cuda``; CUDA is ``cuda:LOCAL_RANK`` under a multi-process torchrun."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -102,7 +102,8 @@ class FeatureStore:
             return
         # zeros, not empty, under torchrun: rows other ranks extract are summed in by merge_disjoint_
         alloc = torch.empty if ctx is None else torch.zeros
-        bar = tqdm(total=sum(map(len, batches)), desc="features", unit="img", disable=not progress, leave=False)
+        bar = tqdm(total=sum(map(len, batches)), desc="features", unit="img", disable=not progress,
+                   leave=False)
         for batch in loader:
             feats = model.extract(batch["image"])
             if not self.levels:
@@ -129,6 +130,8 @@ class FeatureStore:
 
     def _save_disk(self, cache_dir: Path) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        # the key is written last: a kill while arrays are replaced must not leave an old key beside them
+        (cache_dir / "key.json").unlink(missing_ok=True)
         for lvl, t in enumerate(self.levels):
             with atomic_path(cache_dir / f"scale{lvl}.npy") as tmp:
                 # bfloat16 has no numpy type: stored as its raw 16 bits
@@ -212,11 +215,14 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
         log(f"resuming from {run_dir / RESUME_FILE} at pass {start_epoch} of {cfg.meta_epochs * cfg.sub_epochs}")
         if main:
             _truncate_log(log_path, start_epoch)
+            _remove_stale_temporaries(run_dir)
     elif main:
         save_run_config(run_dir, model, extra_config)
         log_path.unlink(missing_ok=True)
     if ctx is not None:
         ctx.barrier()  # every rank has read the resume state before rank 0 may overwrite it
+        log(f"DDP over {ctx.world_size} processes: {cfg.batch_size // ctx.world_size} of the "
+            f"{cfg.batch_size} images of each step per process")
     t0 = time.perf_counter()
     store = FeatureStore(model, records, cfg, run_dir / "cache", progress=progress)
     t_feat = time.perf_counter() - t0
@@ -272,7 +278,7 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
                 log_fh.write(json.dumps(record) + "\n")
                 log_fh.flush()
                 save_resume_state(run_dir, model, optimizer, {"epoch": epoch + 1})
-    ddp = None
+    ddp = None  # the model goes on alone (calibration, the caller): no DDP hooks left on its parameters
     bar.close()
     t_train = time.perf_counter() - t0 - t_feat
     model.eval()
@@ -313,12 +319,24 @@ def _check_finite(values: dict[str, Tensor], epoch: int, step: int, what: str, r
 
 
 def _truncate_log(path: Path, epochs_done: int) -> None:
-    """Drop log lines of passes after the checkpoint (they will be redone)."""
+    """Drop log lines of passes after the checkpoint (they will be redone), and a line cut by a kill."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < epochs_done]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("epoch", epochs_done) < epochs_done:
+            kept.append(line)
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files of writes interrupted by a kill (see hgad.io); never read, so safe to drop."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()

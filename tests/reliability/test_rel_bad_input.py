@@ -147,7 +147,7 @@ def t_unknown_class(c: Ctx):
 
 def t_weights_pickle(c: Ctx):
     w = write_booby_pickle(c.tmp / "weights.pth", c.tmp / "pwned")
-    return train(c, [f"mvtec:{c.data}"], "--backbone-weights", w), [w, "not a loadable weights file"]
+    return train(c, [f"mvtec:{c.data}"], "--backbone-weights", w), [w, "refused", "could run code"]
 
 
 def t_weights_other_backbone(c: Ctx):
@@ -190,6 +190,21 @@ def t_resume_other_classes(c: Ctx):
     run = c.run_copy()
     return (["train", "--out", run, "--resume", "--classes", "bottle", *FAST],
             ["--resume", "classes differ"])
+
+
+def t_resume_pickled_state(c: Ctx):
+    run = c.run_copy()
+    write_booby_pickle(run / "last.safetensors", c.tmp / "pwned")
+    return (["train", "--out", run, "--resume", "--meta-epochs", "3", *FAST],
+            [run / "last.safetensors", "refused: a pickle"])
+
+
+def t_resume_truncated_state(c: Ctx):
+    run = c.run_copy()
+    data = (run / "last.safetensors").read_bytes()
+    (run / "last.safetensors").write_bytes(data[: len(data) // 2])
+    return (["train", "--out", run, "--resume", "--meta-epochs", "3", *FAST],
+            [run / "last.safetensors", "not a readable safetensors file"])
 
 
 def t_img_size_pyramid(c: Ctx):
@@ -239,7 +254,7 @@ def e_not_a_run(c: Ctx):
 def e_pickle_checkpoint(c: Ctx):
     run = c.run_copy()
     write_booby_pickle(run / "model.safetensors", c.tmp / "pwned")
-    return ["test", run, *FAST], [run / "model.safetensors", "not a readable safetensors file"]
+    return ["test", run, *FAST], [run / "model.safetensors", "refused: a pickle"]
 
 
 def e_tensors_vs_config_shapes(c: Ctx):
@@ -339,7 +354,7 @@ def p_pickle_checkpoint(c: Ctx):
     run = c.run_copy()
     write_booby_pickle(run / "model.safetensors", c.tmp / "pwned")
     return (["predict", run, c.good, "--out", c.tmp / "pred", *FAST],
-            [run / "model.safetensors", "not a readable safetensors file"])
+            [run / "model.safetensors", "refused: a pickle"])
 
 
 def p_out_unwritable(c: Ctx):
@@ -373,7 +388,7 @@ def x_out_under_file(c: Ctx):
 def x_pickle_checkpoint(c: Ctx):
     run = c.run_copy()
     write_booby_pickle(run / "model.safetensors", c.tmp / "pwned")
-    return ["export", run, "--out", c.tmp / "m.onnx"], [run / "model.safetensors", "not a readable"]
+    return ["export", run, "--out", c.tmp / "m.onnx"], [run / "model.safetensors", "refused: a pickle"]
 
 
 def x_truncated_safetensors(c: Ctx):
@@ -411,6 +426,8 @@ CASES: dict[str, Callable[[Ctx], tuple[list, list]]] = {
     "train-out-unwritable": t_out_unwritable,
     "train-existing-run": t_existing_run,
     "train-resume-other-classes": t_resume_other_classes,
+    "train-resume-pickled-state": t_resume_pickled_state,
+    "train-resume-truncated-state": t_resume_truncated_state,
     "train-img-size-pyramid": t_img_size_pyramid,
     "train-img-size-too-small": t_img_size_small,
     "train-meta-epochs-zero": _bad_setting("--meta-epochs", "0", "positive"),
@@ -538,3 +555,9 @@ def test_process_usage_error(tmp_path: Path):
     assert_user_error(proc.returncode, proc.stderr, ["--batch-size", "abc"])
     assert visible_lines(proc.stderr)[0].startswith("hgad train: error: argument --batch-size")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_table_lists_every_case():
+    readme = (Path(__file__).parent / "README.md").read_text()
+    missing = [case for case in [*CASES, *USAGE_CASES] if f"| `{case}` |" not in readme]
+    assert missing == []
