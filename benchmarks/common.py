@@ -24,7 +24,7 @@ import hgad
 from hgad.demo import make_demo_dataset
 from hgad.io import atomic_write_json
 
-__all__ = ["add_common_args", "setup_threads", "machine_info", "demo_data", "spread", "MemoryMeter", "sync",
+__all__ = ["add_common_args", "setup", "machine_info", "demo_data", "spread", "MemoryMeter", "sync",
            "timed", "median_p90", "markdown_table", "finish", "SMOKE_NOTE"]
 
 SMOKE_NOTE = "SMOKE RUN (tiny settings, to check the script works): numbers are meaningless"
@@ -43,9 +43,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="tiny settings that only check the script runs (a few seconds; not a benchmark)")
 
 
-def setup_threads(threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
+def setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Apply --threads; refuse --device cuda without a CUDA device."""
+    if "cuda" in args.device and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
 
 def _cpu_model() -> str:
@@ -77,6 +82,12 @@ def machine_info(devices: Sequence[str]) -> dict[str, Any]:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
+    load = info["load_average_1min_at_start"]
+    if load is not None and cores and load > 0.5 * cores:
+        info["busy_warning"] = (
+            f"the machine was busy (load {load:.1f} on {cores} cores) when this run started: CPU numbers are "
+            "not representative; with several threads on busy cores torch's OpenMP threads wait on each "
+            "other and runs can be many times slower (re-run on a quiet machine, or compare with --threads 1)")
     if "cuda" in devices and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -181,6 +192,8 @@ def finish(payload: dict[str, Any], table: str, out: Path | None, notes: Sequenc
     print(f"\n{info['cpu']}, {info['cpu_cores_usable']} cores, torch {info['torch']} "
           f"({info['torch_threads']} threads), load average {info['load_average_1min_at_start']}"
           + (f", GPU {info['gpu']}" if "gpu" in info else ""))
+    if info.get("busy_warning"):
+        print(f"WARNING: {info['busy_warning']}")
     if out is not None:
         atomic_write_json(Path(out), {**payload, "notes": list(notes), "table_markdown": table})
         print(f"results written to {out}")

@@ -29,7 +29,7 @@ from common import (
     machine_info,
     markdown_table,
     median_p90,
-    setup_threads,
+    setup,
     spread,
     timed,
 )
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20, help="timed single-image predictions (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed predictions first (default 3)")
     args = parser.parse_args(argv)
-    setup_threads(args.threads)
+    setup(parser, args)
+    machine = machine_info(args.device)
     data = demo_data(args.data)
     catalog = discover([f"mvtec:{data}"], need_train=False)
     test = spread(catalog.test, 4 if args.smoke else 16)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.smoke:
         notes.insert(0, SMOKE_NOTE)
-    payload = {"benchmark": "inference_latency", "machine": machine_info(args.device), "results": rows,
+    payload = {"benchmark": "inference_latency", "machine": machine, "results": rows,
                "config": cfg}
     finish(payload, markdown_table(rows, COLUMNS), args.out, notes)
     return 0

@@ -53,15 +53,16 @@ def _require(module: str, option: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(option, f"needs the optional package '{module}': pip install 'hgad[onnx]'") from None
+        raise ConfigError(option, f"needs the optional package '{module}': "
+                                  "pip install 'hgad[onnx]'") from None
 
 
 class InferenceGraph(nn.Module):
-    """``images (B, 3, S, S)`` -> ``maps (B, M, M)``, ``scores (B,)``, ``classes (B,) int64``, ``confidences (B,)``.
+    """``images (B,3,S,S)`` -> ``maps (B,M,M)``, ``scores (B,)``, ``classes (B,)``, ``confidences (B,)``.
 
     Exactly what :meth:`hgad.inference.Detector.predict` computes with the class inferred: latent maps
     under the class of highest image-mean posterior, normalised by the stored deploy statistics.
-    The confidence is that class's posterior (NaN for a single-Gaussian prior, which has no classes).
+    The confidence is that class's posterior (NaN for a single-Gaussian prior); classes are int64.
     """
 
     def __init__(self, model: HGAD) -> None:
@@ -101,8 +102,9 @@ def _metadata(model: HGAD) -> dict[str, str]:
         "map_size": str(model.cfg.map_size),
         "score": model.cfg.score,
         "preprocessing": _PREPROCESSING,
-        "outputs": "anomaly_map (B,M,M) float32; score (B,) float32 = max of the map; class_index (B,) int64; "
-                   "class_confidence (B,) float32 = image-mean posterior of that class",
+        "outputs": "anomaly_map (B,M,M) float32; score (B,) float32 = max of the map; "
+                   "class_index (B,) int64; class_confidence (B,) float32 = image-mean posterior of "
+                   "that class",
         "config": model.cfg.to_json(),
     }
 
@@ -138,8 +140,9 @@ def _compare(torch_out: Sequence[Tensor], ort_out: Sequence[np.ndarray]) -> tupl
 def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, seed: int = 0) -> ExportCheck:
     """Write ``model``'s inference path to ``out`` (atomically) after checking it with onnxruntime.
 
-    The model is moved to the CPU and traced in float32 (no autocast). The check runs a random batch of 2 through both
-    PyTorch and onnxruntime; a disagreement beyond 1e-3 means an exporter bug and raises RuntimeError.
+    The model is moved to the CPU and traced in float32 (no autocast). The check runs a random batch
+    of 2 through both PyTorch and onnxruntime; a disagreement beyond 1e-3 means an exporter bug and
+    raises RuntimeError.
     """
     onnx = _require("onnx", "--format onnx")
     ort = _require("onnxruntime", "--format onnx")
@@ -158,12 +161,14 @@ def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, see
     try:
         data = _trace(graph, torch.randn(1, 3, size, size, generator=gen), opset)
     except torch.onnx.errors.UnsupportedOperatorError as err:
-        raise ConfigError("--opset", f"{opset} cannot express the model: {str(err).splitlines()[0]}") from None
+        problem = str(err).splitlines()[0]
+        raise ConfigError("--opset", f"{opset} cannot express the model: {problem}") from None
     proto = onnx.load_from_string(data)
     for key, value in _metadata(model).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = f"hgad {__version__} deploy-protocol inference: {INPUT_NAME} -> {', '.join(OUTPUT_NAMES)}"
+    proto.doc_string = (f"hgad {__version__} deploy-protocol inference: "
+                        f"{INPUT_NAME} -> {', '.join(OUTPUT_NAMES)}")
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     batch = torch.randn(2, 3, size, size, generator=gen)
@@ -171,7 +176,8 @@ def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, see
         ref = graph(batch)
     got = _session(ort, data, ["CPUExecutionProvider"]).run(None, {INPUT_NAME: batch.numpy()})
     diff, agree = _compare(ref, got)
-    check = ExportCheck(max_abs_diff=diff, classes_agree=agree, n_images=len(batch), n_nodes=len(proto.graph.node))
+    check = ExportCheck(max_abs_diff=diff, classes_agree=agree, n_images=len(batch),
+                        n_nodes=len(proto.graph.node))
     if agree < len(batch) or not diff <= _CHECK_TOLERANCE:
         raise RuntimeError(f"ONNX export disagrees with PyTorch ({agree}/{len(batch)} classes agree, "
                            f"max abs diff {diff:.3g}); {out} not written")
@@ -183,7 +189,8 @@ def _providers(ort: ModuleType, device: str) -> list[str]:
     available = ort.get_available_providers()
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise ConfigError("--device", "cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+            raise ConfigError("--device", "cuda: this onnxruntime has no CUDA provider "
+                                          "(install onnxruntime-gpu)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "auto" and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -202,8 +209,9 @@ class OnnxDetector:
         self.map_size = map_size
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", *, run_dir: str | Path | None = None) -> OnnxDetector:
-        """Open a file written by ``hgad export``; with ``run_dir``, check that it was exported from that run."""
+    def load(cls, path: str | Path, device: str = "auto", *,
+             run_dir: str | Path | None = None) -> OnnxDetector:
+        """Open a file written by ``hgad export``; with ``run_dir``, check it was exported from that run."""
         ort = _require("onnxruntime", "--onnx")
         path = Path(path)
         if not path.is_file():
@@ -240,7 +248,8 @@ class OnnxDetector:
         if isinstance(image, Image.Image):
             return preprocess(image, self.img_size)
         if image.dim() != 3 or tuple(image.shape) != (3, self.img_size, self.img_size):
-            raise ConfigError("image", f"expected a preprocessed (3, {self.img_size}, {self.img_size}) tensor, "
+            size = self.img_size
+            raise ConfigError("image", f"expected a preprocessed (3, {size}, {size}) tensor, "
                                        f"got {tuple(image.shape)}")
         return image
 
@@ -250,7 +259,7 @@ class OnnxDetector:
         if class_name is not None:
             raise ConfigError("--class", "forcing the class is not supported by the exported ONNX graph "
                                          "(it always infers the class); score with the run instead")
-        if isinstance(images, Image.Image | Tensor) and not (isinstance(images, Tensor) and images.dim() == 4):
+        if isinstance(images, Image.Image) or (isinstance(images, Tensor) and images.dim() != 4):
             images = [images]
         batch = torch.stack([self.preprocess(im) for im in images]).float().cpu().numpy()
         maps, scores, classes, conf = self.session.run(None, {INPUT_NAME: batch})
@@ -259,8 +268,9 @@ class OnnxDetector:
             c = int(classes[i])
             thr = self.thresholds[c] if threshold is None else threshold
             score = float(scores[i])
-            out.append(Prediction(score=score, anomaly_map=maps[i], class_index=c, class_name=self._class_names[c],
-                                  class_confidence=float(conf[i]), threshold=thr, is_anomalous=score > thr))
+            out.append(Prediction(score=score, anomaly_map=maps[i], class_index=c,
+                                  class_name=self._class_names[c], class_confidence=float(conf[i]),
+                                  threshold=thr, is_anomalous=score > thr))
         return out
 
 
@@ -270,7 +280,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Export the whole deploy-protocol inference path of a run (preprocessed image batch -> "
         "anomaly map, image score, inferred class, class confidence) as one ONNX graph with a dynamic batch "
         "and the training statistics built in. Class names, thresholds, img_size and map_size are stored in "
-        "the model's metadata. The export is checked with onnxruntime on a random batch before it is written. "
+        "the model's metadata. The export is checked with onnxruntime on a random batch before it is "
+        "written. "
         "Needs: pip install 'hgad[onnx]'. Run it with: hgad predict RUN_DIR PATH --onnx FILE.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="trained run folder")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx)")

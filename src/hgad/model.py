@@ -104,6 +104,7 @@ class HGAD(nn.Module):
         return self.backbone(images.to(self.device))
 
     def _positions(self, h: int, w: int, device: torch.device) -> Tensor:
+        h, w = int(h), int(w)  # plain ints even while tracing, so the encoding is a graph constant
         key = (h, w, str(device))
         if key not in self._pos_cache:
             pe = positional_encoding_2d(self.cfg.pos_dim, h, w)
