@@ -38,9 +38,10 @@ demo: install
 	echo "demo finished in $$(( $$(date +%s) - start )) s (after installation); open $(DEMO_RUN)/test-deploy-inferred/report.html"
 
 bench: install
-	$(PY) benchmarks/train_throughput.py
-	$(PY) benchmarks/reference_compare.py
-	$(PY) benchmarks/inference_latency.py
+	$(PY) benchmarks/train_throughput.py --out benchmarks/results/train_throughput-cpu.json
+	$(PY) benchmarks/reference_compare.py --out benchmarks/results/reference_compare-fast-cpu.json
+	$(PY) benchmarks/reference_compare.py --preset paper --images 16 --out benchmarks/results/reference_compare-paper-cpu.json
+	$(PY) benchmarks/inference_latency.py --out benchmarks/results/inference_latency-cpu.json
 
 clean:
 	rm -rf $(DEMO_DATA) runs .pytest_cache .ruff_cache
