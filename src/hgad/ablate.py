@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hgad.cli import add_config_flags, check_writable, resolve_config
-from hgad.config import PRESETS, HGADConfig, config_from_dict
+from hgad.cli import add_dataset_args, add_settings_args, check_writable, resolve_config
+from hgad.config import HGADConfig, config_from_dict
 from hgad.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -437,16 +437,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "when the command is run again. Scoring: deploy protocol, ground-truth class for every rung. Writes "
         "OUT/ablation.md, ablation.json and ablation.png (log-likelihood histograms, baseline vs HGAD). The "
         "ladder sets --prior, --mi and --entropy-loss itself, and --intra-centers 1 below the full rung.")
-    p.add_argument("--data", action="append", required=True, metavar="KIND:PATH",
-                   help="dataset as KIND:PATH (mvtec, visa, btad, mvtec3d, folder); repeat to use several")
-    p.add_argument("--classes", help="comma-separated subset of classes (default: all)")
+    add_dataset_args(p, required=True,
+                     help="dataset as KIND:PATH (mvtec, visa, btad, mvtec3d, folder); repeat to use several")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="ablation folder (one run folder per rung)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="fast",
-                   help="settings shared by every rung: fast (default) or paper")
-    p.add_argument("--config", type=Path, metavar="YAML", help="YAML file of settings (keys as the flags below)")
     p.add_argument("--report", action="store_true", help="also write report.html for every rung's test")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_flags(p)
+    add_settings_args(p, "settings shared by every rung: fast (default) or paper")
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ from hgad import __version__
 from hgad.config import CHOICES, PRESETS, HGADConfig, config_from_dict, load_yaml
 from hgad.errors import ConfigError, HgadError, InputError
 
-__all__ = ["main", "build_parser", "add_config_flags", "resolve_config", "check_writable"]
+__all__ = ["main", "build_parser", "add_config_flags", "add_dataset_args", "add_settings_args", "resolve_config",
+           "check_writable"]
 
 # friendlier names for the ablation switches (issue: --no-mi, --no-entropy-loss, --intra-centers, ...)
 _FLAG_NAMES = {"use_mi": "mi", "use_entropy": "entropy-loss", "n_intra": "intra-centers"}
@@ -76,6 +77,19 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, **kw)
 
 
+def add_dataset_args(p: argparse.ArgumentParser, *, required: bool, help: str) -> None:
+    """``--data`` (repeatable) and ``--classes``, for the commands that read datasets to train."""
+    p.add_argument("--data", action="append", required=required, metavar="KIND:PATH", help=help)
+    p.add_argument("--classes", help="comma-separated subset of classes (default: all)")
+
+
+def add_settings_args(p: argparse.ArgumentParser, preset_help: str) -> None:
+    """``--preset``, ``--config`` and one flag per config field (see :func:`resolve_config`)."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default="fast", help=preset_help)
+    p.add_argument("--config", type=Path, metavar="YAML", help="YAML file of settings (keys as the flags below)")
+    add_config_flags(p)
+
+
 def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> HGADConfig:
     values: dict[str, Any] = dict(PRESETS[args.preset]) if base is None else dict(base)
     if getattr(args, "config", None):
@@ -107,16 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one model on the normal images of all classes",
                        description="Train a unified HGAD model. Writes RUN_DIR/config.json, model.safetensors, "
                        "last.safetensors (resume state), train_log.jsonl and train_summary.json.")
-    t.add_argument("--data", action="append", metavar="KIND:PATH", help=data_help)
-    t.add_argument("--classes", help="comma-separated subset of classes (default: all)")
+    add_dataset_args(t, required=False, help=data_help)
     t.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder to write")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="fast",
-                   help="fast: small CPU-friendly model (default); paper: the release's settings")
-    t.add_argument("--config", type=Path, metavar="YAML", help="YAML file of settings (keys as the flags below)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in RUN_DIR")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_flags(t)
+    add_settings_args(t, "fast: small CPU-friendly model (default); paper: the release's settings")
 
     e = sub.add_parser("test", help="evaluate a run on a dataset's test split",
                        description="Score the test images, compute image/pixel AUROC, AUPRO, AP and F1-max per "
