@@ -267,6 +267,10 @@ class _DirLayout:
     def mask_stems(self, stem: str) -> tuple[str, ...]:
         return (stem,)
 
+    def has_mask_folders(self, cls: Path) -> bool:
+        """Whether the class has ground-truth masks at all; a class without them has image labels only."""
+        return (cls / "ground_truth").is_dir()
+
     def scan(self, name: str, need_train: bool, need_test: bool) -> _ClassScan:
         cls = self.root / name
         train: list[Path] = []
@@ -279,11 +283,11 @@ class _DirLayout:
                 if guess is not None and guess != self.kind:
                     problem += f"; it looks like the {guess} layout: use {guess}:{self.root}"
                 raise InputError(self.train_dir(cls), problem)
-        masks_expected = True
+        masks_expected = self.has_mask_folders(cls)
         if need_test:
             for folder, defect, label in self.test_groups(cls):
                 images = _images_in(folder)
-                mdir = self.mask_dir(cls, defect) if label == 1 else None
+                mdir = self.mask_dir(cls, defect) if label == 1 and masks_expected else None
                 if label == 1 and mdir is None:
                     masks_expected = False
                 masks = _stem_index(mdir) if mdir is not None else {}
@@ -354,6 +358,9 @@ class _MVTec3D(_DirLayout):
     def mask_dir(self, cls: Path, defect: str) -> Path:
         return cls / "test" / defect / "gt"
 
+    def has_mask_folders(self, cls: Path) -> bool:
+        return any((d / "gt").is_dir() for d in _subdirs(cls / "test"))
+
 
 class _Folder(_DirLayout):
     kind = "folder"
@@ -368,6 +375,9 @@ class _Folder(_DirLayout):
 
     def mask_dir(self, cls: Path, defect: str) -> Path | None:
         return cls / "mask" if (cls / "mask").is_dir() else None
+
+    def has_mask_folders(self, cls: Path) -> bool:
+        return (cls / "mask").is_dir()
 
     def mask_stems(self, stem: str) -> tuple[str, ...]:
         return (stem, f"{stem}_mask")

@@ -145,6 +145,7 @@ class EvalResult:
     unseen: list[str] = field(default_factory=list)  # dataset classes the model was not trained on
     histograms: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # class -> normal/anomalous logp
     examples: dict[str, list[dict]] = field(default_factory=dict)  # class -> [{record, map}]
+    image_only: list[str] = field(default_factory=list)  # classes with defects but no masks: no pixel metrics
 
 
 def _class_mapping(model: HGAD, catalog: Catalog, class_source: str) -> tuple[dict[int, int], list[str]]:
@@ -247,6 +248,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     cls_idx = torch.tensor([r.class_index for r in records])
     per_class: dict[str, dict[str, float]] = {}
     examples: dict[str, list[dict]] = {}
+    image_only: list[str] = []
     for c, name in enumerate(catalog.classes):
         sel = (cls_idx == c).nonzero().flatten()
         if len(sel) == 0:
@@ -255,6 +257,8 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
         with_mask = sel[masks[sel].flatten(1).any(1) | (labels[sel] == 0)]
         if catalog.has_masks.get(name, False) and bool(masks[sel].any()):
             m.update(pixel_metrics(maps[with_mask].numpy(), masks[with_mask].numpy()))
+        elif bool((labels[sel] == 1).any()):
+            image_only.append(name)
         if mapping[c] >= 0:
             m["class_accuracy"] = float((predicted[sel] == mapping[c]).float().mean())
         per_class[name] = m
@@ -277,7 +281,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
                       mean=summarise(per_class), class_accuracy=accuracy, records=records,
                       scores=scores.numpy(), predicted=predicted.numpy(),
                       model_classes=model.class_names, unseen=unseen,
-                      histograms=histograms, examples=examples)
+                      histograms=histograms, examples=examples, image_only=image_only)
 
 
 def _spread_over_types(indices: list[int], records: list[ImageRecord], n: int) -> list[int]:

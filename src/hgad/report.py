@@ -49,6 +49,8 @@ def markdown_table(result: EvalResult) -> str:
     if "class_accuracy" in cols and result.class_accuracy is not None:
         mean["class_accuracy"] = result.class_accuracy
     lines.append("| **mean** | " + " | ".join(f"**{_fmt(mean.get(c))}**" for c in cols) + " |")
+    if result.image_only:
+        lines += ["", f"Image labels only (no ground-truth masks, so no pixel metrics): {', '.join(result.image_only)}"]
     return "\n".join(lines)
 
 
@@ -59,6 +61,7 @@ def metrics_payload(result: EvalResult, seconds: float | None = None) -> dict:
     return {"protocol": result.protocol, "class_source": result.class_source,
             "per_class": {k: clean(v) for k, v in result.per_class.items()}, "mean": clean(result.mean),
             "class_accuracy": result.class_accuracy, "unseen_classes": result.unseen,
+            "image_label_only_classes": result.image_only,
             "n_images": len(result.records), "seconds": seconds}
 
 
