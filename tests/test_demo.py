@@ -82,7 +82,7 @@ def test_mask_covers_exactly_the_meaningful_changes(kind: str) -> None:
     for cls in ("gravel", "coffee"):
         rng = np.random.default_rng(11)
         before = demo._normal_image(rng, cls, sources[cls], 96, held_out=True)
-        after, mask = demo._defect_image(rng, before, kind, cls, sources)
+        after, mask = demo.plant_defect(rng, before, kind, cls, sources)
         lum = before.mean(axis=2)
         threshold = max(0.05 * max(np.percentile(lum, 95) - np.percentile(lum, 5), 30.0), 4.0)
         changed = np.abs(after - before).max(axis=2) > threshold

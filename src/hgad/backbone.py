@@ -33,6 +33,7 @@ __all__ = [
     "load_state_dict_file",
     "build_classifier",
     "FeatureExtractor",
+    "input_norm",
 ]
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -263,6 +264,19 @@ def _load_into(model: nn.Module, reference: Mapping[str, torch.Tensor], path: Pa
         raise ConfigError("--backbone", f"backbone '{name}' cannot be loaded from a file ({leftover[0]})")
 
 
+def input_norm(model: nn.Module) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """The (mean, std) the backbone's weights were trained with, from timm's ``pretrained_cfg``.
+
+    Each backbone has its own: EfficientNet-Lite uses 0.5/0.5, EfficientNet-B6 ImageNet's statistics.
+    Models without the entry get ImageNet's.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError("--backbone", f"backbone expects {len(mean)} input channels; hgad reads RGB images")
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -335,6 +349,7 @@ class FeatureExtractor(nn.Module):
             self.feature_dims = [int(s["num_chs"]) for s in stages]
             self.strides = [int(s["reduction"]) for s in stages]
         self.n_scales = len(self.feature_dims)
+        self.norm = input_norm(model)
         self._shape_cache: dict[int, list[tuple[int, int]]] = {}
 
     def train(self, mode: bool = True) -> FeatureExtractor:

@@ -39,6 +39,8 @@ __all__ = [
     "IMAGE_EXTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "IMAGENET_NORM",
+    "Norm",
     "ImageRecord",
     "Catalog",
     "parse_data_arg",
@@ -665,21 +667,27 @@ def _resize_crop(im: Image.Image, size: int, resample: Image.Resampling) -> Imag
     return im.crop((left, top, left + size, top + size))
 
 
-def preprocess(img: Image.Image, img_size: int) -> torch.Tensor:
-    """PIL image (any mode) -> (3, S, S) float32 tensor, ImageNet-normalised.
+Norm = tuple[tuple[float, float, float], tuple[float, float, float]]
+IMAGENET_NORM: Norm = (IMAGENET_MEAN, IMAGENET_STD)
 
-    The shorter side is resized to ``img_size`` with Lanczos, then the centre is cropped.
+
+def preprocess(img: Image.Image, img_size: int, norm: Norm = IMAGENET_NORM) -> torch.Tensor:
+    """PIL image (any mode) -> (3, S, S) float32 tensor, normalised with ``norm = (mean, std)``.
+
+    The shorter side is resized to ``img_size`` with Lanczos, then the centre is cropped. ``norm`` is
+    the backbone's own input normalisation (``FeatureExtractor.norm``, from timm's ``pretrained_cfg``):
+    EfficientNet-Lite was trained with 0.5/0.5, not ImageNet's statistics.
     """
     rgb = _resize_crop(_to_rgb(img), img_size, Image.Resampling.LANCZOS)
     arr = np.asarray(rgb, dtype=np.float32) / 255.0
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    mean = np.asarray(norm[0], dtype=np.float32)
+    std = np.asarray(norm[1], dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(((arr - mean) / std).transpose(2, 0, 1)))
 
 
-def load_image(path: Path, img_size: int) -> torch.Tensor:
+def load_image(path: Path, img_size: int, norm: Norm = IMAGENET_NORM) -> torch.Tensor:
     """Read an image file and :func:`preprocess` it; unreadable files raise InputError."""
-    return preprocess(_open(path), img_size)
+    return preprocess(_open(path), img_size, norm)
 
 
 def _mask_to_binary(im: Image.Image) -> Image.Image:
@@ -742,10 +750,12 @@ class ImageDataset(torch.utils.data.Dataset):
     file), ``label``, ``class_index`` and ``index`` (position in ``records``).
     """
 
-    def __init__(self, records: Sequence[ImageRecord], img_size: int, mask_size: int = 256) -> None:
+    def __init__(self, records: Sequence[ImageRecord], img_size: int, mask_size: int = 256,
+                 norm: Norm = IMAGENET_NORM) -> None:
         self.records = list(records)
         self.img_size = img_size
         self.mask_size = mask_size
+        self.norm = norm
 
     def __len__(self) -> int:
         return len(self.records)
@@ -761,7 +771,7 @@ class ImageDataset(torch.utils.data.Dataset):
         else:
             mask = torch.zeros(1, self.mask_size, self.mask_size, dtype=torch.float32)
         return {
-            "image": preprocess(im, self.img_size),
+            "image": preprocess(im, self.img_size, self.norm),
             "mask": mask,
             "has_mask": rec.mask_path is not None or rec.label == 0,
             "label": rec.label,

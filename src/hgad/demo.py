@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from hgad.errors import ConfigError, InputError
 
-__all__ = ["DEMO_CLASSES", "DEFECT_KINDS", "make_demo_dataset"]
+__all__ = ["DEMO_CLASSES", "DEFECT_KINDS", "make_demo_dataset", "plant_defect", "resize_square"]
 
 DEMO_CLASSES: tuple[str, ...] = ("brick", "coffee", "grass", "gravel")
 DEFECT_KINDS: tuple[str, ...] = ("scratch", "stain", "patch", "missing")
@@ -87,7 +87,7 @@ def _object_box(rng: Rng, shape: tuple[int, ...]) -> Box:
     return int(rng.integers(0, h - side + 1)), x0, side
 
 
-def _resize(arr: np.ndarray, size: int) -> np.ndarray:
+def resize_square(arr: np.ndarray, size: int) -> np.ndarray:
     """Float (H, W, C) in 0..255 -> (size, size, C) with Lanczos, through 8-bit PIL images."""
     chans = [Image.fromarray(np.clip(np.rint(arr[..., c]), 0, 255).astype(np.uint8), "L")
              .resize((size, size), Image.Resampling.LANCZOS) for c in range(arr.shape[2])]
@@ -99,7 +99,7 @@ def _normal_image(rng: Rng, cls: str, src: np.ndarray, size: int, held_out: bool
         y0, x0, side = _texture_box(rng, src.shape, held_out)
     else:
         y0, x0, side = _object_box(rng, src.shape)
-    img = _resize(src[y0:y0 + side, x0:x0 + side], size)
+    img = resize_square(src[y0:y0 + side, x0:x0 + side], size)
     if cls in _TEXTURES:
         img = np.rot90(img, int(rng.integers(0, 4)) if cls in _ISOTROPIC else 2 * int(rng.integers(0, 2)))
         if rng.random() < 0.5:
@@ -173,13 +173,13 @@ def _as_channels(arr: np.ndarray, channels: int) -> np.ndarray:
 
 def _patch(rng: Rng, img: np.ndarray, cls: str, sources: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
     size = img.shape[0]
-    others = [c for c in DEMO_CLASSES if c != cls]
+    others = [c for c in sources if c != cls]
     from_other = rng.random() < 0.6
     src = sources[others[int(rng.integers(len(others)))]] if from_other else sources[cls]
     h, w = src.shape[:2]
     side = int(rng.integers(int(0.2 * min(h, w)), int(0.5 * min(h, w)) + 1))
     y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    piece = _as_channels(_resize(src[y0:y0 + side, x0:x0 + side], size), img.shape[2])
+    piece = _as_channels(resize_square(src[y0:y0 + side, x0:x0 + side], size), img.shape[2])
     if not from_other:  # same photo: a far region, turned and rescaled so its structure differs
         piece = np.rot90(piece, int(rng.integers(1, 4)))
     radius = rng.uniform(0.08, 0.18) * size
@@ -232,9 +232,13 @@ def _change_mask(before: np.ndarray, after: np.ndarray, filled: bool) -> np.ndar
     return ndimage.binary_fill_holes(closed) if filled else closed
 
 
-def _defect_image(rng: Rng, img: np.ndarray, kind: str, cls: str,
-                  sources: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Plant one defect; redraw until its mask has a visible size."""
+def plant_defect(rng: Rng, img: np.ndarray, kind: str, cls: str,
+                 sources: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Plant one defect of ``kind`` in ``img`` of class ``cls`` (float (H, W, C) in 0..255); return it and its mask.
+
+    ``sources`` maps class names to their source photographs (``patch`` pastes from the others).
+    Redrawn until the mask has a visible size.
+    """
     size = img.shape[0]
     min_area = max(4, int(0.0005 * size * size))
     for _ in range(100):
@@ -345,7 +349,7 @@ def make_demo_dataset(out_dir: Path, seed: int = 0, *, n_train: int = 40, n_test
                     rng = np.random.default_rng([seed, ci, 2, i])
                     kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
                     name = f"{i // len(DEFECT_KINDS):03d}"
-                    img, mask = _defect_image(rng, _normal_image(rng, cls, src, size, held_out=True), kind,
+                    img, mask = plant_defect(rng, _normal_image(rng, cls, src, size, held_out=True), kind,
                                               cls, sources)
                     _save(img, tmp / cls / "test" / kind / f"{name}.png")
                     _save(mask[..., None] * 255.0, tmp / cls / "ground_truth" / kind / f"{name}_mask.png")

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from hgad import __version__
-from hgad.data import preprocess
+from hgad.data import IMAGENET_NORM, Norm, preprocess
 from hgad.errors import ConfigError, InputError
 from hgad.inference import Prediction
 from hgad.model import HGAD
@@ -45,7 +45,7 @@ _MAX_OPSET = 20  # the last opset of torch's TorchScript-based exporter
 _CHECK_TOLERANCE = 1e-3  # an export that disagrees more than this with PyTorch is a bug, never written
 _META_KEY = "hgad_version"  # present in every graph this module writes
 _PREPROCESSING = ("RGB; shorter side resized to img_size (Lanczos) then centre-cropped; /255; "
-                  "ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); NCHW float32")
+                  "minus input_mean, divided by input_std (per channel); NCHW float32")
 
 
 def _require(module: str, option: str) -> ModuleType:
@@ -102,6 +102,7 @@ def _metadata(model: HGAD) -> dict[str, str]:
         "map_size": str(model.cfg.map_size),
         "score": model.cfg.score,
         "preprocessing": _PREPROCESSING,
+        "input_norm": json.dumps(model.backbone.norm),
         "outputs": "anomaly_map (B,M,M) float32; score (B,) float32 = max of the map; "
                    "class_index (B,) int64; class_confidence (B,) float32 = image-mean posterior of "
                    "that class",
@@ -201,12 +202,13 @@ class OnnxDetector:
     """An exported graph run with onnxruntime; same ``predict`` as :class:`hgad.inference.Detector`."""
 
     def __init__(self, session: Any, class_names: list[str], thresholds: list[float], img_size: int,
-                 map_size: int) -> None:
+                 map_size: int, norm: Norm = IMAGENET_NORM) -> None:
         self.session = session
         self._class_names = class_names
         self.thresholds = thresholds
         self.img_size = img_size
         self.map_size = map_size
+        self.norm = norm
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", *,
@@ -229,6 +231,8 @@ class OnnxDetector:
             names = list(json.loads(meta["class_names"]))
             thresholds = [math.inf if t is None else float(t) for t in json.loads(meta["thresholds"])]
             img_size, map_size = int(meta["img_size"]), int(meta["map_size"])
+            mean, std = json.loads(meta["input_norm"]) if "input_norm" in meta else IMAGENET_NORM  # older exports
+            norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
         except (KeyError, ValueError, TypeError) as err:
             raise InputError(path, f"not an ONNX model written by 'hgad export' (metadata: {err})") from None
         if run_dir is not None:
@@ -238,7 +242,7 @@ class OnnxDetector:
             if list(saved["class_names"]) != names or int(saved["config"].get("img_size", -1)) != img_size:
                 raise ConfigError("--onnx", f"{path} was not exported from {run_dir} (classes or image size "
                                             "differ)")
-        return cls(session, names, thresholds, img_size, map_size)
+        return cls(session, names, thresholds, img_size, map_size, norm)
 
     @property
     def class_names(self) -> list[str]:
@@ -246,7 +250,7 @@ class OnnxDetector:
 
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
         if isinstance(image, Image.Image):
-            return preprocess(image, self.img_size)
+            return preprocess(image, self.img_size, self.norm)
         if image.dim() != 3 or tuple(image.shape) != (3, self.img_size, self.img_size):
             size = self.img_size
             raise ConfigError("image", f"expected a preprocessed (3, {size}, {size}) tensor, "

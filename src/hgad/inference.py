@@ -95,7 +95,7 @@ class Detector:
 
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
         if isinstance(image, Image.Image):
-            return preprocess(image, self.model.cfg.img_size)
+            return preprocess(image, self.model.cfg.img_size, self.model.backbone.norm)
         if image.dim() != 3 or image.shape[0] != 3:
             raise ConfigError("image", f"expected a preprocessed (3, H, W) tensor, got {tuple(image.shape)}")
         return image
@@ -194,7 +194,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     n = len(records)
     # under torchrun each rank scores every world_size-th batch (whole batches: per-image results as alone)
     ctx = distributed.context()
-    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size),
+    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size, model.backbone.norm),
                                          batch_sampler=distributed.shard_batches(n, batch_size, ctx),
                                          num_workers=num_workers)
     true_model_cls = torch.tensor([mapping[r.class_index] for r in records])

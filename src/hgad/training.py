@@ -83,7 +83,7 @@ class FeatureStore:
                  cache_dir: Path | None = None, progress: bool = True, batch_size: int = 16) -> None:
         self.model = model
         self.mode = cfg.cache
-        self.dataset = ImageDataset(records, cfg.img_size, cfg.map_size)
+        self.dataset = ImageDataset(records, cfg.img_size, cfg.map_size, model.backbone.norm)
         self.cfg = cfg
         self.levels: list[Tensor] = []
         if self.mode == "none":
