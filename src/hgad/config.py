@@ -37,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 class HGADConfig:
     """All settings of one run. Defaults are the ``fast`` preset; ``paper`` is the release's."""
 
-    # features (spec §1)
+    # features (docs/method.md, "Features")
     backbone: str = _opt("tf_efficientnet_lite0", "timm model name of the frozen feature extractor")
     backbone_weights: str | None = _opt(
         None, "weights for the backbone: a local .pth/.safetensors file, 'hub' (download, needs internet) "
@@ -47,11 +47,11 @@ class HGADConfig:
     pyramid_levels: int = _opt(3, "number of image-pyramid levels (pyramid mode)")
     img_size: int = _opt(256, "input image size (shorter side resize + centre crop)")
     map_size: int = _opt(256, "size of the anomaly maps and of the ground-truth masks")
-    # flow (spec §2)
+    # flow (docs/method.md, "Conditional flow")
     n_blocks: int = _opt(8, "coupling blocks per flow")
     pos_dim: int = _opt(128, "positional-encoding dimensions P (multiple of 4)")
     clamp: float = _opt(1.9, "affine clamping of the coupling blocks")
-    # prior and losses (spec §3)
+    # prior and losses (docs/method.md, "Hierarchical Gaussian-mixture prior", "Training objective")
     prior: str = _opt("hgmm", "hgmm: hierarchical Gaussian mixture (HGAD); "
                       "gaussian: single N(0,I) (unified NF baseline)")
     n_intra: int = _opt(10, "intra-class centres per class (1 disables the intra-class mixture)")
@@ -60,7 +60,7 @@ class HGADConfig:
     use_mi: bool = _opt(True, "use the mutual-information loss")
     use_entropy: bool = _opt(True, "use the entropy loss")
     two_stage: bool = _opt(True, "train intra-class centres only after the first stage")
-    # optimisation (spec §4)
+    # optimisation (docs/method.md, "Training schedule")
     meta_epochs: int = _opt(6, "meta-epochs (the learning-rate schedule steps once per meta-epoch)")
     sub_epochs: int = _opt(2, "passes over the data per meta-epoch")
     stage1_epochs: int = _opt(2, "meta-epochs of stage 1 before the intra-class losses start")
@@ -71,13 +71,13 @@ class HGADConfig:
     beta2: float = _opt(0.99, "Adam beta2")
     warmup_epochs: int = _opt(2, "meta-epochs of linear warm-up from lr/10")
     seed: int = _opt(0, "random seed (flows, centres, shuffling); a CPU run is repeatable")
-    # speed (spec §6.5)
+    # speed (docs/method.md, differences, "Speed")
     cache: str = _opt("memory", "feature cache: memory, disk (under the run folder) or none (recompute)")
     cache_dtype: str = _opt("float16", "precision of cached features")
     device: str = _opt("auto", "auto (CUDA when present), cpu or cuda")
     amp: bool = _opt(True, "bf16 autocast for the flows on CUDA (ignored on CPU)")
     num_workers: int = _opt(0, "DataLoader workers for image decoding")
-    # scoring (spec §5, §6.1)
+    # scoring (docs/method.md, "Scoring")
     score: str = _opt("product", "pixel score: product of both maps (paper), logp only or entropy only")
     blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly maps (0 disables)")
     threshold_quantile: float = _opt(

@@ -1,7 +1,7 @@
 """Conditional normalizing flow of HGAD: a stack of affine coupling blocks conditioned on position.
 
 Each block is numerically equivalent to FrEIA 0.2's ``AllInOneBlock`` with ``affine_clamping=1.9``,
-``global_affine_type='SOFTPLUS'`` and ``permute_soft=True`` (spec §2), so that models trained here
+``global_affine_type='SOFTPLUS'`` and ``permute_soft=True`` (docs/method.md), so that models trained here
 behave like the released ones, but it is written for plain ``(N, D)`` feature vectors, keeps the
 fixed rotation as a buffer (not a parameter) and has an exact inverse with its log-determinant.
 

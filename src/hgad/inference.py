@@ -1,9 +1,9 @@
 """Scoring images with a trained model: whole test sets (``hgad test``) and single images (``predict``).
 
-Two protocols (spec §5, §6.1): ``deploy`` normalises with statistics stored at training, so an image's
+Two protocols (docs/method.md, "Scoring"): ``deploy`` normalises with statistics stored at training, so an image's
 map depends on that image alone; ``paper`` normalises by each class's whole test set as the release
-does (it reproduces the published numbers and cannot score a lone image). Two class sources
-(§6.2): ``known`` uses the ground-truth class, ``inferred`` the class of highest posterior.
+does (it reproduces the published numbers and cannot score a lone image). Two class sources (same page,
+"Which class scores an image"): ``known`` uses the ground-truth class, ``inferred`` the class of highest posterior.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training objectives of HGAD (spec §3) as pure functions of latent vectors and prior parameters.
+"""Training objectives of HGAD (docs/method.md, "Training objective"): pure functions of latents and prior parameters.
 
 Every loss is the mean over vectors of a per-vector term, computed in float32 (inputs in bf16/fp16
 are upcast at entry and autocast is switched off for the distance matmul) with log-sum-exp forms

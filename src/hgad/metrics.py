@@ -1,4 +1,4 @@
-"""Evaluation metrics: image/pixel AUROC, average precision, F1-max and AUPRO (spec §6.4).
+"""Evaluation metrics: image/pixel AUROC, average precision, F1-max and AUPRO (docs/method.md, "More metrics").
 
 Pixel metrics run on whole test sets (MVTec AD: ~1,700 images x 256² ≈ 111 M pixels), so every
 metric is derived from one descending sort of the scores, done once per call and shared by all the

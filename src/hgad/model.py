@@ -37,7 +37,7 @@ class LatentMaps:
 
 
 class HGAD(nn.Module):
-    """Unified anomaly detector over ``class_names``; see spec §2–§5."""
+    """Unified anomaly detector over ``class_names``; see docs/method.md."""
 
     def __init__(self, cfg: HGADConfig, class_names: list[str], backbone: FeatureExtractor | None = None) -> None:
         super().__init__()
@@ -60,7 +60,7 @@ class HGAD(nn.Module):
                                    use_entropy=cfg.use_entropy, use_intra=cfg.n_intra > 1,
                                    prior=cfg.prior)
         n_scales = len(dims)
-        # deploy-protocol statistics (spec §6.1), filled by calibrate(); saved with the weights
+        # deploy-protocol statistics (docs/method.md, "Scoring"), filled by calibrate(); saved with the weights
         self.register_buffer("logp_max", torch.zeros(n_classes, n_scales))
         self.register_buffer("logp_smax", torch.zeros(n_classes))
         self.register_buffer("ent_max", torch.zeros(n_classes, n_scales))
@@ -88,7 +88,7 @@ class HGAD(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Flows with weight decay, prior without (spec §4)."""
+        """Flows with weight decay, prior without (docs/method.md, "Training schedule")."""
         groups = [{"params": [p for p in self.flows.parameters() if p.requires_grad],
                    "weight_decay": weight_decay, "name": "flows"}]
         if self.priors is not None:
@@ -127,7 +127,7 @@ class HGAD(nn.Module):
 
     # ---- training -----------------------------------------------------------------------------
     def loss(self, feats: list[Tensor], labels: Tensor, stage: int) -> dict[str, Tensor]:
-        """Loss terms summed over scales (scales have disjoint parameters, spec §3)."""
+        """Loss terms summed over scales (scales have disjoint parameters, docs/method.md, "Training objective")."""
         total: dict[str, Tensor] = {}
         labels = labels.to(self.device).long()
         for lvl, feat in enumerate(feats):
@@ -144,7 +144,7 @@ class HGAD(nn.Module):
         """Per-scale log-likelihood and negative-entropy maps.
 
         ``classes`` given: the known-class protocol; ``None``: each image is scored under the class
-        of highest image-mean posterior (spec §6.2).
+        of highest image-mean posterior (docs/method.md, "Which class scores an image").
         """
         b = feats[0].shape[0]
         zs = [self.encode(f, lvl) for lvl, f in enumerate(feats)]
@@ -188,7 +188,7 @@ class HGAD(nn.Module):
 
     def maps(self, lm: LatentMaps, stats: tuple[MapStats, MapStats | None], *, clamp: bool,
              stat_classes: Tensor | None = None) -> Tensor:
-        """Final anomaly maps (B, M, M) from latent maps and normalisation statistics (spec §5).
+        """Final anomaly maps (B, M, M) from latent maps and normalisation statistics (docs/method.md, "Scoring").
 
         Statistics rows are those of ``stat_classes`` (default: the classes that scored the images).
         """

@@ -1,4 +1,4 @@
-"""Hierarchical Gaussian-mixture prior of HGAD (spec §3): a main centre per class plus K intra-class centres.
+"""Hierarchical Gaussian-mixture prior of HGAD (docs/method.md): a main centre per class plus K intra-class centres.
 
 The inter-class level (main centres ``mu`` and logits ``phi``) separates classes in latent space; the
 intra-class level (offsets ``delta`` around a stopped-gradient copy of ``mu`` and logits ``psi``) models
@@ -24,7 +24,7 @@ def init_main_centres(n_classes: int, dim: int) -> Tensor:
     """Initial main centres ``(n_classes, dim)`` (float32), all pairs about 5 apart.
 
     For ``k < floor(D/Y)`` the block ``mu[:, Yk:Y(k+1)]`` is ``s * I_Y`` with ``s = 5 / sqrt(floor(2D/Y))``,
-    other entries are 0 (spec §3). When ``D < Y`` that construction is empty; the centres are then drawn
+    other entries are 0. When ``D < Y`` that construction is empty; the centres are then drawn
     from ``N(0, 25 / (2D))`` with a fixed generator (seed 0), so that ``E||mu_a - mu_b||^2 = 25``.
     """
     if n_classes < 1:

@@ -1,4 +1,4 @@
-"""Anomaly scoring of HGAD (spec §5, §6.1) as pure tensor functions.
+"""Anomaly scoring of HGAD (docs/method.md, "Scoring") as pure tensor functions.
 
 Per-vector log-likelihood and negative class entropy become per-scale log-domain maps; these are
 normalised by a per-image, per-scale maximum, exponentiated, upsampled and summed, turned into an

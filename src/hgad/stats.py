@@ -1,4 +1,4 @@
-"""Normalisation statistics of the anomaly maps (spec §5, §6.1).
+"""Normalisation statistics of the anomaly maps (docs/method.md, "Scoring").
 
 The release subtracts, per scale, the maximum log-map over a class's whole *test* set and inverts the
 summed map with its maximum over that set: transductive, so a lone image cannot be scored. The same

@@ -1,7 +1,7 @@
 """Training: feature cache, Adam with the release's schedule, two stages, checkpoints and resume.
 
 The backbone is frozen and there is no augmentation, so each training image's features are computed
-once and reused for every pass (spec §6.5). Batch order is a pure function of (seed, epoch), which is
+once and reused for every pass (docs/method.md, "Speed"). Batch order is a pure function of (seed, epoch), which is
 what makes ``--resume`` land on exactly the weights of an uninterrupted run. Under ``torchrun`` the
 same loop runs on every rank with its slice of each global batch (see ``hgad.distributed``); rank 0
 alone writes files.
@@ -342,7 +342,7 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
 @torch.no_grad()
 def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: int = 16,
               progress: bool = True) -> float:
-    """Deploy-protocol statistics and per-class thresholds from the training images (spec §6.1).
+    """Deploy-protocol statistics and per-class thresholds from the training images (docs/method.md, "Scoring").
 
     Returns the fraction of training vectors whose most probable class is their own.
     """
