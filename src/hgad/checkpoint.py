@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from hgad import __version__
-from hgad.config import config_from_dict
+from hgad.config import LEGACY_DEFAULTS, config_from_dict
 from hgad.errors import InputError
 from hgad.io import atomic_save_tensors, atomic_write_json
 from hgad.model import HGAD
@@ -98,7 +98,7 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu", **overrides: A
     """Rebuild the model of a run folder from its config and weights (backbone from the config)."""
     run_dir = Path(run_dir)
     data = read_run_config(run_dir)
-    cfg_dict = {**data["config"], **overrides}
+    cfg_dict = {**LEGACY_DEFAULTS, **data["config"], **overrides}
     cfg = config_from_dict(cfg_dict, source=str(run_dir / CONFIG_FILE))
     tensors, _ = read_tensors(run_dir / MODEL_FILE)
     model = HGAD(cfg, list(data["class_names"]))

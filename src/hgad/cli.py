@@ -141,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--class-source", choices=("inferred", "known"), default="inferred",
                    help="class used to score an image: inferred from the latent posterior (default) or the "
                    "ground truth (paper)")
-    e.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/test-PROTOCOL-CLASSSOURCE)")
+    e.add_argument("--score", choices=CHOICES["score"], help="re-score with this pixel score without retraining: "
+                   "product of the log-likelihood and entropy maps, logp only, or entropy only (default: the "
+                   "run's; with one class product means logp)")
+    e.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/test-PROTOCOL-CLASSSOURCE, "
+                   "with -score-SCORE appended when --score is given)")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     e.add_argument("--device", choices=CHOICES["device"], default="auto", help="where to run")
     e.add_argument("--no-report", action="store_true", help="skip report.html")
@@ -310,14 +314,17 @@ def cmd_test(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ctx = distributed.init(device)  # under torchrun the test images are shared out; rank 0 reports
     main = ctx is None or ctx.is_main
-    catalog = discover(data, _csv(args.classes), need_train=False)  # cheap checks first: fail before loading
+    # a run trained on some classes is tested on those unless other data or classes are asked for
+    classes = _csv(args.classes) or (None if args.data else saved.get("class_names"))
+    catalog = discover(data, classes, need_train=False)  # cheap checks first: fail before loading
     model = load_model(args.run_dir, device)
-    out = args.out or args.run_dir / f"test-{args.protocol}-{args.class_source}"
+    suffix = f"-score-{args.score}" if args.score else ""
+    out = args.out or args.run_dir / f"test-{args.protocol}-{args.class_source}{suffix}"
     check_writable(out)
     t0 = time.perf_counter()
     result = evaluate(model, catalog, protocol=args.protocol, class_source=args.class_source,
                       batch_size=args.batch_size, progress=main and not args.no_progress,
-                      num_workers=model.cfg.num_workers)
+                      num_workers=model.cfg.num_workers, score=args.score)
     seconds = time.perf_counter() - t0
     if not main:
         return 0

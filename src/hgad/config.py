@@ -16,7 +16,8 @@ import yaml
 
 from hgad.errors import ConfigError, InputError
 
-__all__ = ["HGADConfig", "PRESETS", "preset", "load_yaml", "config_from_dict", "CHOICES"]
+__all__ = ["HGADConfig", "PRESETS", "DEFAULT_PRESET", "LEGACY_DEFAULTS", "preset", "load_yaml", "config_from_dict",
+           "CHOICES"]
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -26,6 +27,7 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 CHOICES: dict[str, tuple[str, ...]] = {
     "feature_mode": ("pyramid", "layers"),
     "prior": ("hgmm", "gaussian"),
+    "input_norm": ("backbone", "imagenet"),
     "score": ("product", "logp", "entropy"),
     "cache": ("memory", "disk", "none"),
     "cache_dtype": ("float16", "bfloat16", "float32"),
@@ -45,6 +47,11 @@ class HGADConfig:
     feature_mode: str = _opt("pyramid", "pyramid: one tap on an image pyramid (paper); layers: several taps")
     taps: tuple[int, ...] = _opt((3,), "feature indices of the backbone to use (timm features_only order)")
     pyramid_levels: int = _opt(3, "number of image-pyramid levels (pyramid mode)")
+    feature_pool: int = _opt(1, "k x k local average of the backbone features (odd k; 1: none, the paper)")
+    input_norm: str = _opt("backbone", "input normalisation: the backbone's own mean/std (timm pretrained_cfg) "
+                           "or imagenet (hgad 0.1 used ImageNet's for every backbone)")
+    feature_norm: bool = _opt(False, "standardise each feature channel with the training images' mean and "
+                              "std before the flow (faster convergence; the paper feeds raw features)")
     img_size: int = _opt(256, "input image size (shorter side resize + centre crop)")
     map_size: int = _opt(256, "size of the anomaly maps and of the ground-truth masks")
     # flow (docs/method.md, "Conditional flow")
@@ -143,6 +150,9 @@ _FAST: dict[str, Any] = {}  # the dataclass defaults are the fast preset
 _PAPER: dict[str, Any] = {
     "backbone": "tf_efficientnet_b6",
     "feature_mode": "pyramid",
+    "feature_pool": 1,
+    "input_norm": "backbone",  # tf_efficientnet_b6 was trained with ImageNet's statistics: the same values
+    "feature_norm": False,
     "taps": (3,),
     "pyramid_levels": 3,
     "img_size": 1024,
@@ -167,6 +177,12 @@ _PAPER: dict[str, Any] = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {"fast": _FAST, "paper": _PAPER}
+DEFAULT_PRESET = "fast"
+
+
+# Settings added after hgad 0.1 with the value that reproduces what 0.1 did: a run folder whose
+# config.json predates them is loaded with these, never with today's defaults.
+LEGACY_DEFAULTS: dict[str, Any] = {"feature_pool": 1, "input_norm": "imagenet", "feature_norm": False}
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> HGADConfig:

@@ -102,7 +102,7 @@ def _metadata(model: HGAD) -> dict[str, str]:
         "map_size": str(model.cfg.map_size),
         "score": model.cfg.score,
         "preprocessing": _PREPROCESSING,
-        "input_norm": json.dumps(model.backbone.norm),
+        "input_norm": json.dumps(model.input_norm),
         "outputs": "anomaly_map (B,M,M) float32; score (B,) float32 = max of the map; "
                    "class_index (B,) int64; class_confidence (B,) float32 = image-mean posterior of "
                    "that class",

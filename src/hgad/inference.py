@@ -95,7 +95,7 @@ class Detector:
 
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
         if isinstance(image, Image.Image):
-            return preprocess(image, self.model.cfg.img_size, self.model.backbone.norm)
+            return preprocess(image, self.model.cfg.img_size, self.model.input_norm)
         if image.dim() != 3 or image.shape[0] != 3:
             raise ConfigError("image", f"expected a preprocessed (3, H, W) tensor, got {tuple(image.shape)}")
         return image
@@ -135,6 +135,7 @@ class EvalResult:
 
     protocol: str
     class_source: str
+    score: str  # the pixel score the maps were made with
     per_class: dict[str, dict[str, float]]
     mean: dict[str, float]
     class_accuracy: float | None  # image-level accuracy of the class used for scoring
@@ -176,8 +177,13 @@ def _vector_groups(logp: Tensor, mask: Tensor, label: int) -> tuple[Tensor, Tens
 
 @torch.no_grad()
 def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_source: str = "inferred",
-             batch_size: int = 8, progress: bool = True, n_examples: int = 3, num_workers: int = 0) -> EvalResult:
-    """Score the test split of ``catalog`` and compute the metrics per class and their mean."""
+             batch_size: int = 8, progress: bool = True, n_examples: int = 3, num_workers: int = 0,
+             score: str | None = None) -> EvalResult:
+    """Score the test split of ``catalog`` and compute the metrics per class and their mean.
+
+    ``score`` re-scores with another pixel score (``product``, ``logp``, ``entropy``) without retraining.
+    """
+    score = model.score_kind(score)
     if protocol not in PROTOCOLS:
         raise ConfigError("--protocol", f"must be one of {', '.join(PROTOCOLS)}")
     if class_source not in CLASS_SOURCES:
@@ -194,7 +200,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     n = len(records)
     # under torchrun each rank scores every world_size-th batch (whole batches: per-image results as alone)
     ctx = distributed.context()
-    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size, model.backbone.norm),
+    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm),
                                          batch_sampler=distributed.shard_batches(n, batch_size, ctx),
                                          num_workers=num_workers)
     true_model_cls = torch.tensor([mapping[r.class_index] for r in records])
@@ -214,7 +220,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
                 "groups": [_vector_groups(lm.logp[0][j], batch["mask"][j, 0], int(batch["label"][j]))
                            for j in range(len(idx))]}
         if protocol == "deploy":
-            part["maps"] = model.maps(_to(lm, model.device), model.stored_stats(), clamp=True).cpu()
+            part["maps"] = model.maps(_to(lm, model.device), model.stored_stats(), clamp=True, score=score).cpu()
         else:
             part["lm"] = lm
         parts.append(part)
@@ -242,7 +248,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
             lm = LatentMaps(logp=[m[sl] for m in logp], ent=[m[sl] for m in ent] if ent else None,
                             posterior=None, classes=predicted[sl])
             maps[sl] = model.maps(_to(lm, model.device), stats, clamp=False,
-                                  stat_classes=true_model_cls[sl]).cpu()
+                                  stat_classes=true_model_cls[sl], score=score).cpu()
     scores = maps.flatten(1).amax(1)
     labels = torch.tensor([r.label for r in records])
     cls_idx = torch.tensor([r.class_index for r in records])
@@ -277,7 +283,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
             if len(v) > _HIST_CAP:
                 v = v[torch.randperm(len(v), generator=gen)[:_HIST_CAP]]
             histograms[name][g] = v.numpy()
-    return EvalResult(protocol=protocol, class_source=class_source, per_class=per_class,
+    return EvalResult(protocol=protocol, class_source=class_source, score=score, per_class=per_class,
                       mean=summarise(per_class), class_accuracy=accuracy, records=records,
                       scores=scores.numpy(), predicted=predicted.numpy(),
                       model_classes=model.class_names, unseen=unseen,

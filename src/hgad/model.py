@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from hgad.backbone import FeatureExtractor
 from hgad.config import HGADConfig
+from hgad.data import IMAGENET_NORM
+from hgad.errors import ConfigError
 from hgad.flow import ConditionalFlow, positional_encoding_2d
 from hgad.losses import LossConfig, hgad_loss
 from hgad.prior import HierarchicalPrior
@@ -45,8 +47,9 @@ class HGAD(nn.Module):
         self.class_names = list(class_names)
         self.backbone = backbone if backbone is not None else FeatureExtractor(
             cfg.backbone, mode=cfg.feature_mode, taps=cfg.taps, levels=cfg.pyramid_levels,
-            weights=cfg.backbone_weights)
+            weights=cfg.backbone_weights, pool=cfg.feature_pool)
         self.backbone.check_img_size(cfg.img_size)
+        self.input_norm = self.backbone.norm if cfg.input_norm == "backbone" else IMAGENET_NORM
         n_classes = len(self.class_names)
         dims = self.backbone.feature_dims
         torch.manual_seed(cfg.seed)  # subnet init draws from the global generator
@@ -67,6 +70,10 @@ class HGAD(nn.Module):
         self.register_buffer("ent_smax", torch.zeros(n_classes))
         self.register_buffer("threshold", torch.full((n_classes,), float("inf")))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        if cfg.feature_norm:  # per-channel statistics of the training features, set by set_feature_stats()
+            for lvl, d in enumerate(dims):
+                self.register_buffer(f"feat_mean{lvl}", torch.zeros(d))
+                self.register_buffer(f"feat_std{lvl}", torch.ones(d))
         self._pos_cache: dict[tuple[int, int, str], Tensor] = {}
 
     # ---- parameters and state -------------------------------------------------------------
@@ -120,10 +127,37 @@ class HGAD(nn.Module):
         """Flow of scale ``level``: features (B, D, h, w) -> z (B*h*w, D) float32 and log-det (B*h*w,)."""
         b, d, h, w = feat.shape
         x = feat.to(self.device, torch.float32).permute(0, 2, 3, 1).reshape(b * h * w, d)
+        if self.cfg.feature_norm:
+            x = (x - getattr(self, f"feat_mean{level}")) / getattr(self, f"feat_std{level}")
         c = self._positions(h, w, x.device)  # (h*w, P), shared by the b images (not repeated)
         with self._autocast():
             z, logdet = self.flows[level](x, c)
         return z.float(), logdet.float()
+
+    @torch.no_grad()
+    def set_feature_stats(self, batches) -> None:
+        """Per-channel mean and std of the training features (``batches`` yields per-scale feature lists),
+        used by ``feature_norm`` to standardise what the flows see; a no-op without it."""
+        if not self.cfg.feature_norm:
+            return
+        sums: list[Tensor] = []
+        squares: list[Tensor] = []
+        count = [0] * len(self.flows)
+        for feats in batches:
+            for lvl, f in enumerate(feats):
+                x = f.double().transpose(0, 1).flatten(1)  # (D, B*h*w)
+                if lvl == len(sums):
+                    sums.append(x.sum(1))
+                    squares.append((x * x).sum(1))
+                else:
+                    sums[lvl] += x.sum(1)
+                    squares[lvl] += (x * x).sum(1)
+                count[lvl] += x.shape[1]
+        for lvl, (s1, s2) in enumerate(zip(sums, squares)):
+            mean = s1 / count[lvl]
+            std = (s2 / count[lvl] - mean * mean).clamp_min(0).sqrt().clamp_min(1e-3)
+            getattr(self, f"feat_mean{lvl}").copy_(mean.float())
+            getattr(self, f"feat_std{lvl}").copy_(std.float())
 
     # ---- training -----------------------------------------------------------------------------
     def loss(self, feats: list[Tensor], labels: Tensor, stage: int) -> dict[str, Tensor]:
@@ -186,20 +220,35 @@ class HGAD(nn.Module):
             self.ent_smax.copy_(ent.s_max)
         self.calibrated.fill_(True)
 
+    def score_kind(self, score: str | None = None) -> str:
+        """The pixel score used: ``score`` or the configured one, with ``product`` falling back to ``logp``
+        when the entropy map carries nothing (one class: the class posterior is certain everywhere, so its
+        entropy is identically zero; a single-Gaussian prior has no posterior at all)."""
+        kind = score or self.cfg.score
+        if kind not in ("product", "logp", "entropy"):
+            raise ConfigError("--score", f"must be one of product, logp, entropy; got {kind!r}")
+        if kind != "logp" and (self.priors is None or self.n_classes == 1):
+            if kind == "entropy":
+                raise ConfigError("--score", "entropy needs a model of two or more classes with the hgmm prior")
+            return "logp"
+        return kind
+
     def maps(self, lm: LatentMaps, stats: tuple[MapStats, MapStats | None], *, clamp: bool,
-             stat_classes: Tensor | None = None) -> Tensor:
+             stat_classes: Tensor | None = None, score: str | None = None) -> Tensor:
         """Final anomaly maps (B, M, M) from latent maps and normalisation statistics (docs/method.md, "Scoring").
 
-        Statistics rows are those of ``stat_classes`` (default: the classes that scored the images).
+        Statistics rows are those of ``stat_classes`` (default: the classes that scored the images);
+        ``score`` overrides the configured pixel score (see :meth:`score_kind`).
         """
         cfg = self.cfg
+        kind = self.score_kind(score)
         rows = lm.classes if stat_classes is None else stat_classes
         parts = []
-        if cfg.score in ("product", "logp"):
+        if kind in ("product", "logp"):
             mx, smax = stats[0].for_images(rows)
             parts.append(anomaly_map([m.float() for m in lm.logp], mx.to(self.device), smax.to(self.device),
                                      cfg.map_size, cfg.blur_sigma, clamp))
-        if cfg.score in ("product", "entropy") and lm.ent is not None and stats[1] is not None:
+        if kind in ("product", "entropy") and lm.ent is not None and stats[1] is not None:
             mx, smax = stats[1].for_images(rows)
             parts.append(anomaly_map([m.float() for m in lm.ent], mx.to(self.device), smax.to(self.device),
                                      cfg.map_size, cfg.blur_sigma, clamp))

@@ -40,7 +40,8 @@ def _columns(result: EvalResult) -> list[str]:
 def markdown_table(result: EvalResult) -> str:
     """Per-class rows and the mean, in %, in the paper's column order (image AUROC, pixel AUROC first)."""
     cols = _columns(result)
-    lines = [f"Protocol `{result.protocol}`, class source `{result.class_source}` (values in %)", "",
+    lines = [f"Protocol `{result.protocol}`, class source `{result.class_source}`, score `{result.score}` "
+             "(values in %)", "",
              "| class | " + " | ".join(_HEADERS[c] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for name, m in result.per_class.items():
@@ -58,7 +59,7 @@ def metrics_payload(result: EvalResult, seconds: float | None = None) -> dict:
     def clean(d: dict) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
-    return {"protocol": result.protocol, "class_source": result.class_source,
+    return {"protocol": result.protocol, "class_source": result.class_source, "score": result.score,
             "per_class": {k: clean(v) for k, v in result.per_class.items()}, "mean": clean(result.mean),
             "class_accuracy": result.class_accuracy, "unseen_classes": result.unseen,
             "image_label_only_classes": result.image_only,

@@ -83,7 +83,7 @@ class FeatureStore:
                  cache_dir: Path | None = None, progress: bool = True, batch_size: int = 16) -> None:
         self.model = model
         self.mode = cfg.cache
-        self.dataset = ImageDataset(records, cfg.img_size, cfg.map_size, model.backbone.norm)
+        self.dataset = ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm)
         self.cfg = cfg
         self.levels: list[Tensor] = []
         if self.mode == "none":
@@ -126,7 +126,7 @@ class FeatureStore:
         c = self.cfg
         recs = [str(r.path) for r in self.dataset.records]
         return json.dumps([c.backbone, c.backbone_weights, c.feature_mode, list(c.taps), c.pyramid_levels,
-                           c.img_size, c.cache_dtype, recs])
+                           c.img_size, c.cache_dtype, c.feature_pool, recs])
 
     def _save_disk(self, cache_dir: Path) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +225,8 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
             f"{cfg.batch_size} images of each step per process")
     t0 = time.perf_counter()
     store = FeatureStore(model, records, cfg, run_dir / "cache", progress=progress)
+    if not has_state:  # resumed runs restored them with the weights
+        model.set_feature_stats(store.get(torch.arange(i, min(n, i + 64))) for i in range(0, n, 64))
     t_feat = time.perf_counter() - t0
     total_epochs = cfg.meta_epochs * cfg.sub_epochs
     world = 1 if ctx is None else ctx.world_size

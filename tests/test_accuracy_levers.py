@@ -1,0 +1,136 @@
+"""The accuracy levers of issue 12: backbone input normalisation, local feature averaging, re-scoring,
+and a meaningful default score for a one-class model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_flags
+from hgad.backbone import FeatureExtractor, input_norm
+from hgad.cli import main
+from hgad.config import preset
+from hgad.data import preprocess
+from hgad.errors import ConfigError
+from hgad.model import HGAD
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("tf_efficientnet_lite0", ((0.5,) * 3, (0.5,) * 3)),
+    ("tf_efficientnet_lite2", ((0.5,) * 3, (0.5,) * 3)),
+    ("tf_efficientnet_b6", IMAGENET),
+    ("resnet18", IMAGENET),
+])
+def test_input_norm_is_each_backbones_own(name: str, expected) -> None:
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert [v for t in input_norm(model) for v in t] == pytest.approx([v for t in expected for v in t])
+
+
+def test_extractor_and_preprocess_use_the_backbone_norm() -> None:
+    from PIL import Image
+
+    ext = FeatureExtractor("tf_efficientnet_lite0", weights="none")
+    assert ext.norm == ((0.5,) * 3, (0.5,) * 3)
+    white = Image.new("RGB", (8, 8), (255, 255, 255))
+    assert torch.allclose(preprocess(white, 8, ext.norm), torch.ones(3, 8, 8))  # (1 - 0.5) / 0.5
+
+
+def test_feature_pool_is_a_local_average_of_the_plain_features() -> None:
+    torch.manual_seed(0)
+    plain = FeatureExtractor("test_efficientnet", mode="layers", taps=(1, 2), weights="none")
+    pooled = FeatureExtractor("test_efficientnet", mode="layers", taps=(1, 2), weights="none", pool=3)
+    pooled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for a, b in zip(plain(x), pooled(x)):
+        assert b.shape == a.shape
+        torch.testing.assert_close(b, F.avg_pool2d(a, 3, stride=1, padding=1, count_include_pad=False))
+        # an inner vector is the mean of its 3x3 neighbourhood
+        torch.testing.assert_close(b[:, :, 2, 2], a[:, :, 1:4, 1:4].mean((2, 3)))
+    with pytest.raises(ConfigError, match="feature-pool"):
+        FeatureExtractor("test_efficientnet", weights="none", taps=(1,), pool=2)
+
+
+def _tiny_model(n_classes: int) -> HGAD:
+    cfg = preset("fast", backbone="test_efficientnet", backbone_weights="none", taps=(1,), img_size=64,
+                 pyramid_levels=2, n_blocks=1, pos_dim=8, n_intra=2, feature_mode="pyramid")
+    return HGAD(cfg, [f"c{i}" for i in range(n_classes)])
+
+
+def test_one_class_product_score_falls_back_to_logp() -> None:
+    """With one class the posterior is certain everywhere: the entropy map is identically 0, so the
+    product would be a constant map; the log-likelihood map is used instead."""
+    one, two = _tiny_model(1), _tiny_model(2)
+    assert one.score_kind() == "logp" and one.score_kind("product") == "logp"
+    assert two.score_kind() == "product" and two.score_kind("entropy") == "entropy"
+    with pytest.raises(ConfigError, match="entropy needs"):
+        one.score_kind("entropy")
+    with pytest.raises(ConfigError, match="--score"):
+        two.score_kind("nonsense")
+    feats = one.extract(torch.randn(2, 3, 64, 64))
+    lm = one.latent_maps(feats)
+    assert all(float(e.abs().max()) < 1e-6 for e in lm.ent)  # the entropy map carries nothing
+
+
+def test_test_rescore_writes_its_own_folder(tiny_run: Path, capsys) -> None:
+    assert main(["test", str(tiny_run), "--score", "logp", "--no-progress", "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert "score `logp`" in out
+    metrics = json.loads((tiny_run / "test-deploy-inferred-score-logp" / "metrics.json").read_text())
+    assert metrics["score"] == "logp"
+    assert main(["test", str(tiny_run), "--no-progress", "--no-report"]) == 0
+    default = json.loads((tiny_run / "test-deploy-inferred" / "metrics.json").read_text())
+    assert default["score"] == "product"
+    assert default["mean"]["pixel_auroc"] != metrics["mean"]["pixel_auroc"]
+
+
+def test_one_class_cli_run_scores_with_logp(tmp_path: Path, tiny_data: Path, capsys) -> None:
+    run = tmp_path / "one"
+    assert main(["train", "--data", f"mvtec:{tiny_data}", "--classes", "bottle", "--out", str(run),
+                 "--no-progress", *tiny_flags()]) == 0
+    assert main(["test", str(run), "--classes", "bottle", "--no-progress", "--no-report"]) == 0
+    metrics = json.loads((run / "test-deploy-inferred" / "metrics.json").read_text())
+    assert metrics["score"] == "logp"
+    assert 0.0 <= metrics["mean"]["image_auroc"] <= 1.0
+
+
+def test_feature_norm_standardises_what_the_flow_sees() -> None:
+    cfg = preset("fast", backbone="test_efficientnet", backbone_weights="none", taps=(1,), img_size=64,
+                 pyramid_levels=2, n_blocks=1, pos_dim=8, n_intra=2, feature_norm=True)
+    model = HGAD(cfg, ["a", "b"])
+    torch.manual_seed(0)
+    batches = [model.extract(torch.randn(3, 3, 64, 64)) for _ in range(2)]
+    model.set_feature_stats(iter(batches))
+    for lvl in range(2):
+        x = torch.cat([b[lvl] for b in batches]).transpose(0, 1).flatten(1)
+        torch.testing.assert_close(getattr(model, f"feat_mean{lvl}"), x.mean(1), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(getattr(model, f"feat_std{lvl}"), x.std(1, correction=0).clamp_min(1e-3),
+                                   rtol=1e-4, atol=1e-5)
+    assert "feat_mean0" in model.trainable_state()  # saved with the weights
+    assert "feat_mean0" not in _tiny_model(2).trainable_state()  # off: the paper's raw features
+
+
+def test_run_folders_of_hgad_0_1_load_with_their_own_settings(tiny_run: Path, tmp_path: Path) -> None:
+    """config.json files written before input_norm / feature_pool / feature_norm existed are read with
+    the values hgad 0.1 used (ImageNet statistics, no pooling, raw features), not today's defaults."""
+    import shutil
+
+    from hgad.checkpoint import load_model
+    from hgad.data import IMAGENET_NORM
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    data = json.loads((old / "config.json").read_text())
+    for key in ("input_norm", "feature_pool", "feature_norm"):
+        data["config"].pop(key)
+    (old / "config.json").write_text(json.dumps(data))
+    model = load_model(old)
+    assert model.cfg.input_norm == "imagenet" and model.input_norm == IMAGENET_NORM
+    assert model.cfg.feature_pool == 1 and model.cfg.feature_norm is False
