@@ -42,19 +42,25 @@ _METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 # ---- datasets ------------------------------------------------------------------------------------
-def build_dataset(name: str, work: Path) -> Path:
+SMOKE_COUNTS = {"n_train": 4, "n_test_good": 2, "n_test_defect": 5}
+SMOKE_HGAD = {"img_size": 128, "n_blocks": 1, "pos_dim": 8, "n_intra": 2, "meta_epochs": 1, "sub_epochs": 1,
+              "stage1_epochs": 0, "warmup_epochs": 0, "batch_size": 4}
+
+
+def build_dataset(name: str, work: Path, smoke: bool = False) -> Path:
     """The dataset folder (made once per work folder; both generators are deterministic)."""
-    path = work / "data" / name
+    path = work / "data" / (f"{name}-smoke" if smoke else name)
     if (path / "README.txt").is_file():
         return path
+    counts = SMOKE_COUNTS if smoke else {}
     if name == "demo":
         from hgad.demo import make_demo_dataset
 
-        make_demo_dataset(path, seed=0)
+        make_demo_dataset(path, seed=0, **counts)
     else:
         from devdata import make_dev_dataset
 
-        make_dev_dataset(path, seed=0)
+        make_dev_dataset(path, seed=0, **counts)
     return path
 
 
@@ -306,6 +312,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="results JSON")
     p.add_argument("--md", type=Path, help="also write the Markdown table to this file")
     p.add_argument("--table", type=Path, metavar="DIR", help="print the table of exploration JSONs in DIR and exit")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny datasets and model, to check the script runs (seconds; numbers meaningless)")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--dataset-path", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -320,14 +328,15 @@ def main() -> None:
     sys.path.insert(0, str(HERE.parent / "src"))
     from common import machine_info
 
-    overrides = _parse_set(args.set)
+    overrides = {**(SMOKE_HGAD if args.smoke else {}), **_parse_set(args.set)}
     if args.device:
         overrides["device"] = args.device
     methods = ["hgad"] if args.skip_baselines else [m for m in args.methods.split(",") if m]
     payload: dict[str, Any] = {"machine": machine_info(["cuda" if args.device == "cuda" else "cpu"]),
-                               "label": args.label, "preset": args.preset, "overrides": overrides, "datasets": {}}
+                               "label": args.label, "preset": args.preset, "overrides": overrides,
+                               "smoke": args.smoke, "datasets": {}}
     for name in [d for d in args.datasets.split(",") if d]:
-        data = build_dataset(name, args.work)
+        data = build_dataset(name, args.work, args.smoke)
         payload["datasets"][name] = {}
         for method in methods:
             print(f"[{name}] {method} ...", flush=True)
