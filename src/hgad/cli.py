@@ -434,7 +434,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     from hgad.checkpoint import CONFIG_FILE, read_run_config
     from hgad.data import discover
     from hgad.inference import evaluate
-    from hgad.io import folder_beside, replace_folder
+    from hgad.io import folder_beside, in_final_place, replace_folder
     from hgad.predict import check_output_folder
     from hgad.report import markdown_table, write_reports
     from hgad.training import resolve_device
@@ -470,6 +470,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     try:
         write_reports(result, work, html=not args.no_report, seconds=seconds)
         replace_folder(work, out)
+    except InputError as err:
+        shutil.rmtree(work, ignore_errors=True)
+        raise in_final_place(err, work, out) from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

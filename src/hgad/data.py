@@ -196,7 +196,12 @@ def _images_in(folder: Path) -> list[Path]:
     """Image files directly in ``folder`` (sorted by name); empty when it does not exist."""
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+    entries = list(folder.iterdir())
+    for p in entries:  # a FIFO or device named like an image would hang or never end: refuse, do not skip
+        if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.exists() and not p.is_file() \
+                and not p.is_dir():
+            _check_regular(p)
+    return sorted((p for p in entries if _is_image(p)), key=lambda p: p.name)
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from hgad.errors import InputError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_save_tensors", "write_error", "folder_beside", "replace_folder", "FolderLock"]
+           "atomic_save_tensors", "write_error", "in_final_place", "folder_beside", "replace_folder", "FolderLock"]
 
 
 def write_error(path: str | os.PathLike[str], err: OSError) -> InputError:
@@ -81,6 +81,15 @@ def atomic_save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.T
     """Save tensors as safetensors (never pickle), atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+
+
+def in_final_place(err: InputError, work: str | os.PathLike[str], dest: str | os.PathLike[str]) -> InputError:
+    """``err`` about a file in the temporary folder ``work``, reworded to name the file in ``dest``."""
+    try:
+        rel = Path(err.path).relative_to(Path(work))
+    except ValueError:
+        return err
+    return InputError(Path(dest) / rel, err.problem)
 
 
 def folder_beside(dest: str | os.PathLike[str], tag: str = "tmp") -> Path:

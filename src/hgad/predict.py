@@ -127,7 +127,7 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
     """
     import shutil
 
-    from hgad.io import folder_beside, replace_folder
+    from hgad.io import folder_beside, in_final_place, replace_folder
 
     if threshold is not None and not np.isfinite(threshold):
         raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
@@ -155,6 +155,9 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
         writer.writerows(rows)
         atomic_write_text(work / SCORES_FILE, buf.getvalue())
         replace_folder(work, out)
+    except InputError as err:
+        shutil.rmtree(work, ignore_errors=True)
+        raise in_final_place(err, work, out) from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
