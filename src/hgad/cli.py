@@ -458,9 +458,16 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise
     model = _load_run_model(args.run_dir, device, args.backbone_weights)
     t0 = time.perf_counter()
-    result = evaluate(model, catalog, protocol=args.protocol, class_source=args.class_source,
-                      batch_size=args.batch_size, progress=main and not args.no_progress,
-                      num_workers=model.cfg.num_workers)
+    try:
+        result = evaluate(model, catalog, protocol=args.protocol, class_source=args.class_source,
+                          batch_size=args.batch_size, progress=main and not args.no_progress,
+                          num_workers=model.cfg.num_workers)
+    except InputError as err:
+        if err.path != "model":
+            raise
+        from hgad.checkpoint import MODEL_FILE
+
+        raise InputError(args.run_dir / MODEL_FILE, err.problem) from None
     seconds = time.perf_counter() - t0
     if not main:
         return 0

@@ -314,7 +314,14 @@ def run_export(args: argparse.Namespace) -> int:
     check_writable(args.out.parent)
     model = load_model(args.run_dir, "cpu", **({"backbone_weights": args.backbone_weights}
                                                if args.backbone_weights else {}))
-    check = export_onnx(model, args.out, opset=args.opset)
+    try:
+        check = export_onnx(model, args.out, opset=args.opset)
+    except InputError as err:
+        if err.path != "model":
+            raise
+        from hgad.checkpoint import MODEL_FILE
+
+        raise InputError(Path(args.run_dir) / MODEL_FILE, err.problem) from None
     print(f"onnxruntime check on a random batch of {check.n_images}: classes agree {check.classes_agree}/"
           f"{check.n_images}, max abs diff {check.max_abs_diff:.3g} (maps, scores, confidences)")
     print(f"exported {args.run_dir} ({len(model.class_names)} classes, img_size {model.cfg.img_size}, "

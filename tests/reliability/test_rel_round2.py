@@ -189,11 +189,11 @@ def test_non_finite_scores_and_thresholds_stop_every_command(tiny_run: Path, tin
     rc, err, _ = run_cli(["predict", nan_run, image, "--out", tmp_path / "p", *FAST], capsys)
     assert_user_error(rc, err, [nan_run, "non-finite"])
     rc, err, _ = run_cli(["test", nan_run, "--out", tmp_path / "t", *FAST], capsys)
-    assert_user_error(rc, err, ["non-finite", "test images"])
+    assert_user_error(rc, err, [nan_run / MODEL_FILE, "non-finite", "test images"])
     assert changes(before, snapshot(tmp_path)) == []
     pytest.importorskip("onnxruntime")
     rc, err, _ = run_cli(["export", nan_run, "--out", tmp_path / "m.onnx"], capsys)
-    assert_user_error(rc, err, ["non-finite"])
+    assert_user_error(rc, err, [nan_run / MODEL_FILE, "non-finite"])
     assert not (tmp_path / "m.onnx").exists()
 
 
