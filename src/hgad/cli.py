@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import glob
 import json
 import math
@@ -262,6 +263,7 @@ _RUN_ENTRIES = ("config.json", "model.safetensors", "last.safetensors", "train_l
 def _not_a_run(out: Path) -> str | None:
     """Why ``out`` (an existing, non-empty folder) is not an hgad run folder; None when it is one."""
     from hgad.checkpoint import CONFIG_FILE
+    from hgad.io import is_hgad_temporary
 
     try:
         saved = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -271,8 +273,7 @@ def _not_a_run(out: Path) -> str | None:
         return f"it has no readable {CONFIG_FILE} written by hgad"
     for entry in sorted(out.iterdir()):
         name = entry.name
-        if name in _RUN_ENTRIES or (name.startswith("test-") and entry.is_dir()) \
-                or (name.startswith(".") and name.endswith(".tmp")):
+        if name in _RUN_ENTRIES or (name.startswith("test-") and entry.is_dir()) or is_hgad_temporary(name):
             continue
         return f"it holds {name!r}, which hgad does not write"
     return None
@@ -533,6 +534,9 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so that Python's final flush does not raise BrokenPipeError again."""
     try:
@@ -559,6 +563,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `hgad info RUN | head`: the reader left, nothing more to say
         _silence_stdout()
         return 0
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        _close_progress_bars()  # a write outside hgad.io failed for lack of space or a broken disk
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"hgad {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
     except HgadError as err:
         _close_progress_bars()
         print(f"hgad {args.command}: error: {err}", file=sys.stderr)

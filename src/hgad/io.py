@@ -22,7 +22,8 @@ from safetensors.torch import save as st_save
 from hgad.errors import InputError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_save_tensors", "write_error", "in_final_place", "folder_beside", "replace_folder", "FolderLock"]
+           "atomic_save_tensors", "write_error", "in_final_place", "is_hgad_temporary",
+           "folder_beside", "replace_folder", "FolderLock"]
 
 
 def write_error(path: str | os.PathLike[str], err: OSError) -> InputError:
@@ -90,6 +91,11 @@ def in_final_place(err: InputError, work: str | os.PathLike[str], dest: str | os
     except ValueError:
         return err
     return InputError(Path(dest) / rel, err.problem)
+
+
+def is_hgad_temporary(name: str) -> bool:
+    """Names of what an interrupted hgad write leaves behind: ``.X.tmp`` files, ``.X.tmp-*`` folders."""
+    return name.startswith(".") and (name.endswith(".tmp") or ".tmp-" in name)
 
 
 def folder_beside(dest: str | os.PathLike[str], tag: str = "tmp") -> Path:

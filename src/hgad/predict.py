@@ -171,11 +171,13 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
 def check_output_folder(out: Path, known: frozenset[str], what: str) -> None:
     """An existing output folder is replaced only when it is empty or holds nothing but ``known`` entries
     (what hgad writes there, and hidden temporary files): never a folder of the user's."""
+    from hgad.io import is_hgad_temporary
+
     out = Path(out)
     if not out.is_dir():
         return
     for entry in sorted(out.iterdir()):
-        if entry.name not in known and not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+        if entry.name not in known and not is_hgad_temporary(entry.name):
             raise InputError(out, f"exists and is not a {what} folder (it holds {entry.name!r}); it would be "
                                   "replaced as a whole: choose another --out or empty it")
 
