@@ -134,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "last.safetensors (resume state), train_log.jsonl and train_summary.json.")
     add_dataset_args(t, required=False, help=data_help)
     t.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder to write")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run in RUN_DIR")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR (or a finished "
+                   "one for more --meta-epochs); only speed settings, --meta-epochs and --lr may change")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in RUN_DIR (only an empty "
+                   "folder or a run folder of hgad; the old run is kept until the new one is complete)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_settings_args(t, "fast: small CPU-friendly model (default); paper: the release's settings")
 
