@@ -137,7 +137,10 @@ def test_cli_predict_reports_bad_files_and_scores_the_rest(tiny_run: Path, tiny_
         (folder / f"img{i}.png").write_bytes(f.read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "preds"
-    assert main(["predict", str(tiny_run), str(folder), "--out", str(out), "--no-progress"]) == 0
+    # an unscored image makes the exit code 1 (issue #14), unless --allow-errors
+    assert main(["predict", str(tiny_run), str(folder), "--out", str(out), "--no-progress"]) == 1
+    assert "1 of 4 images could not be scored" in capsys.readouterr().err
+    assert main(["predict", str(tiny_run), str(folder), "--out", str(out), "--no-progress", "--allow-errors"]) == 0
     assert "scored 3 of 4 images" in capsys.readouterr().out
     rows = {Path(r["path"]).name: r for r in csv.DictReader((out / "scores.csv").open())}
     assert rows["broken.png"]["error"].startswith("cannot read image")

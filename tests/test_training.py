@@ -134,7 +134,7 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tiny_data: Path
     with pytest.raises(TrainingError, match=r"non-finite loss term mi, total at pass 2, step 2"):
         fit(model, catalog.train, out, progress=False, log=lambda *_: None)
     state, meta = read_tensors(out / RESUME_FILE)
-    assert json.loads(meta["progress"]) == {"epoch": 1}
+    assert json.loads(meta["progress"])["epoch"] == 1  # beside the tensors' sha256 (issue #14)
     # every weight is finite (the threshold stays +inf until calibration at the end of training)
     assert all(torch.isfinite(v).all() for k, v in state.items() if v.is_floating_point() and k != "model.threshold")
     assert not (out / MODEL_FILE).exists()

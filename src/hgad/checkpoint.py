@@ -8,6 +8,7 @@ optimizer can never be out of step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from hgad.io import atomic_save_tensors, atomic_write_json
 from hgad.model import HGAD
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESUME_FILE", "save_run_config", "save_model", "load_model",
-           "read_run_config", "read_tensors", "save_resume_state", "load_resume_state"]
+           "read_run_config", "read_tensors", "save_resume_state", "load_resume_state", "tensor_digest"]
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -50,19 +51,54 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return data
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and raw bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _stamp(meta_key: str, payload: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """One metadata key (safetensors writes several in hash-map order: files would differ run to run)
+    whose JSON value carries the tensors' checksum."""
+    return {meta_key: json.dumps({**payload, "sha256": tensor_digest(tensors)}, sort_keys=True)}
+
+
+def _verify(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """InputError when the stored checksum (if any: older files have none) does not match the tensors."""
+    for value in meta.values():
+        try:
+            record = json.loads(value)
+        except (json.JSONDecodeError, TypeError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("sha256"), str):
+            if tensor_digest(tensors) != record["sha256"]:
+                raise InputError(path, "damaged: its tensors do not match the sha256 checksum stored in it "
+                                       "(bit rot or a partial copy); restore it from a backup or retrain")
+            return
+
+
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file; anything else (pickle...) is refused unread."""
+    """All tensors and the metadata of a safetensors file; anything else (pickle...) is refused unread.
+
+    A checksum stored by hgad in the metadata is verified (files written before it existed load as is).
+    """
     if not path.is_file():
         raise InputError(path, "missing")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}
-            return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         if _looks_pickled(path):
             raise InputError(path, "refused: a pickle (torch.save) file, not safetensors; it was not loaded, "
                              "since unpickling can run code") from None
         raise InputError(path, f"not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+    _verify(path, tensors, meta)
+    return tensors, meta
 
 
 def _looks_pickled(path: Path) -> bool:
@@ -75,7 +111,8 @@ def _looks_pickled(path: Path) -> bool:
 def save_model(run_dir: Path, model: HGAD) -> Path:
     path = Path(run_dir) / MODEL_FILE
     # one metadata key only: safetensors writes metadata in hash-map order, which varies between runs
-    atomic_save_tensors(path, model.trainable_state(), metadata={"hgad_version": __version__})
+    tensors = model.trainable_state()
+    atomic_save_tensors(path, tensors, metadata=_stamp("hgad_version", {"version": __version__}, tensors))
     return path
 
 
@@ -101,7 +138,14 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu", **overrides: A
     cfg_dict = {**LEGACY_DEFAULTS, **data["config"], **overrides}
     cfg = config_from_dict(cfg_dict, source=str(run_dir / CONFIG_FILE))
     tensors, _ = read_tensors(run_dir / MODEL_FILE)
-    model = HGAD(cfg, list(data["class_names"]))
+    try:
+        model = HGAD(cfg, list(data["class_names"]))
+    except InputError as err:
+        stored = data["config"].get("backbone_weights")
+        if "backbone_weights" in overrides or not stored or Path(stored).expanduser() != Path(err.path):
+            raise
+        raise InputError(err.path, f"{err.problem} (named in {run_dir / CONFIG_FILE}; give --backbone-weights "
+                                   "FILE if it moved)") from None
     _load_into(model, tensors, run_dir / MODEL_FILE)
     return model.to(device).eval()
 
@@ -114,7 +158,7 @@ def save_resume_state(run_dir: Path, model: HGAD, optimizer: torch.optim.Optimiz
         for pi, p in enumerate(group["params"]):
             for name, value in optimizer.state.get(p, {}).items():
                 tensors[f"optim.{gi}.{pi}.{name}"] = torch.as_tensor(value).reshape(-1) if name == "step" else value
-    atomic_save_tensors(Path(run_dir) / RESUME_FILE, tensors, metadata={"progress": json.dumps(progress)})
+    atomic_save_tensors(Path(run_dir) / RESUME_FILE, tensors, metadata=_stamp("progress", progress, tensors))
 
 
 def load_resume_state(run_dir: Path, model: HGAD, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

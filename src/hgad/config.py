@@ -17,7 +17,15 @@ import yaml
 from hgad.errors import ConfigError, InputError
 
 __all__ = ["HGADConfig", "PRESETS", "DEFAULT_PRESET", "LEGACY_DEFAULTS", "preset", "load_yaml", "config_from_dict",
-           "CHOICES"]
+           "CHOICES", "FLAG_NAMES", "MAX_SIZE", "RESUME_MAY_CHANGE"]
+
+# friendlier flag names for the ablation switches (--no-mi, --no-entropy-loss, --intra-centers, ...)
+FLAG_NAMES = {"use_mi": "mi", "use_entropy": "entropy-loss", "n_intra": "intra-centers"}
+MAX_SIZE = 4096  # largest --img-size / --map-size: beyond it one image's features alone exhaust memory
+# settings that --resume may change: speed only, plus the length and rate of training (continuing a
+# finished run for more meta-epochs, or at another learning rate, is what --resume is for); any
+# other difference changes the model or its statistics and is refused
+RESUME_MAY_CHANGE = ("cache", "cache_dtype", "device", "amp", "num_workers", "meta_epochs", "lr")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -104,6 +112,9 @@ class HGADConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(_flag(name), f"must be a positive integer, got {getattr(self, name)}")
+        for name in ("img_size", "map_size"):
+            if getattr(self, name) > MAX_SIZE:
+                raise ConfigError(_flag(name), f"must be at most {MAX_SIZE}, got {getattr(self, name)}")
         if self.pos_dim % 4:
             raise ConfigError("--pos-dim", f"must be a multiple of 4, got {self.pos_dim}")
         if self.stage1_epochs < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
@@ -142,7 +153,7 @@ class HGADConfig:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
 
 
 _FAST: dict[str, Any] = {}  # the dataclass defaults are the fast preset
@@ -204,8 +215,75 @@ def preset(name: str, **overrides: Any) -> HGADConfig:
     return config_from_dict({**PRESETS[name], **overrides}, source=f"preset {name}")
 
 
+def _yaml_keys() -> dict[str, tuple[str, bool]]:
+    """YAML key (as a field or as its flag is spelled) -> (field, whether the value is negated)."""
+    keys: dict[str, tuple[str, bool]] = {}
+    for f in fields(HGADConfig):
+        flag = FLAG_NAMES.get(f.name, f.name.replace("_", "-"))
+        for key in {f.name, f.name.replace("_", "-"), flag, flag.replace("-", "_")}:
+            keys[key] = (f.name, False)
+        if f.type in (bool, "bool"):
+            for key in (f"no-{flag}", f"no_{flag.replace('-', '_')}"):
+                keys[key] = (f.name, True)
+    if "n_intra" in keys:
+        keys["n-intra"] = ("n_intra", False)
+    return keys
+
+
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def _typed(key: str, name: str, value: Any, source: str) -> Any:
+    """``value`` checked (and numeric strings converted) for the field ``name``; ConfigError names ``key``."""
+    hint = {f.name: f.type for f in fields(HGADConfig)}[name]
+    where = f"{source}: {key}"
+    if name == "taps":
+        items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str | int) \
+            and not isinstance(value, bool) else None
+        try:
+            return tuple(_as_int(v) for v in items)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise ConfigError(where, f"expected a list of integers, got {value!r}") from None
+    if hint in (bool, "bool"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(where, f"expected true or false, got {value!r}")
+    if hint in (int, "int"):
+        try:
+            return _as_int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(where, f"expected an integer, got {value!r}") from None
+    if hint in (float, "float"):
+        if isinstance(value, bool):
+            raise ConfigError(where, f"expected a number, got {value!r}")
+        try:
+            return float(value)  # PyYAML reads 1e-3 (no dot) as a string
+        except (TypeError, ValueError):
+            raise ConfigError(where, f"expected a number, got {value!r}") from None
+    if name == "backbone_weights" and value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(where, f"expected a text value, got {value!r}")
+    return value
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("bool")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        return int(value.strip())
+    raise ValueError(value)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of config keys (dashes or underscores)."""
+    """Read a YAML mapping of settings: keys as the fields or as the flags are spelled (``intra-centers``,
+    ``no-mi``, ``entropy-loss: false``...), each value type-checked; returns field name -> value."""
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "config file does not exist")
@@ -217,4 +295,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise InputError(p, "expected a mapping of settings at the top level")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    keys = _yaml_keys()
+    unknown = sorted(str(k) for k in data if str(k) not in keys)
+    if unknown:
+        raise ConfigError(str(p), f"unknown setting(s) {', '.join(unknown)}")
+    out: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for raw, value in data.items():
+        name, negate = keys[str(raw)]
+        if name in given:
+            raise ConfigError(str(p), f"{given[name]} and {raw} set the same setting")
+        given[name] = str(raw)
+        value = _typed(str(raw), name, value, str(p))
+        out[name] = (not value) if negate else value
+    return out

@@ -56,6 +56,8 @@ KINDS = ("mvtec", "visa", "btad", "mvtec3d", "folder")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_PIXELS = 100_000_000  # larger images are refused before decoding (a 10000x10000 photo is allowed)
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own decompression-bomb guard, for any other reader
 
 _LAYOUT_HINTS = {
     "mvtec": "MVTec AD layout <cls>/train/good/*.png",
@@ -196,7 +198,12 @@ def _images_in(folder: Path) -> list[Path]:
     """Image files directly in ``folder`` (sorted by name); empty when it does not exist."""
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+    entries = list(folder.iterdir())
+    for p in entries:  # a FIFO or device named like an image would hang or never end: refuse, do not skip
+        if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.exists() and not p.is_file() \
+                and not p.is_dir():
+            _check_regular(p)
+    return sorted((p for p in entries if _is_image(p)), key=lambda p: p.name)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -575,20 +582,48 @@ def _open(path: Path) -> Image.Image:
         raise InputError(path, "does not exist")
     if path.is_dir():
         raise InputError(path, "is a folder; expected an image file")
+    _check_regular(path)
     if path.stat().st_size == 0:
         raise InputError(path, "cannot read image: empty file")
     try:
         with Image.open(path) as im:
+            _check_pixels(path, im.size)
             im.load()
             return im.copy()
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise InputError(path, f"cannot read image: more than {MAX_PIXELS:,} pixels") from None
     except Image.UnidentifiedImageError:
         raise InputError(path, "cannot read image: not a recognised image format") from None
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, EOFError, struct.error...
         raise InputError(path, f"cannot read image: {_short(err)}") from None
 
 
+def _check_regular(path: Path) -> None:
+    """Only regular files are read: a FIFO or a device would block or never end."""
+    import stat
+
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode)
+                or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise InputError(path, f"cannot read image: {kind}, not a regular file")
+
+
+def _check_pixels(path: Path, size: tuple[int, int]) -> None:
+    """Refuse images too large to decode safely, from the header (before any pixel is decoded)."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise InputError(path, f"cannot read image: size {w}x{h}")
+    if w * h > MAX_PIXELS:
+        raise InputError(path, f"cannot read image: {w}x{h} is {w * h:,} pixels, more than the limit of "
+                               f"{MAX_PIXELS:,}")
+
+
 def _header_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels."""
+    _check_regular(path)
     if path.stat().st_size == 0:
         raise InputError(path, "cannot read image: empty file")
     try:
@@ -658,13 +693,24 @@ def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(size, round(width * size / height)), size
 
 
+_FULL_RESIZE_MAX = 16  # aspect ratios up to 16:1 are resized whole (the historical, bit-exact path)
+
+
 def _resize_crop(im: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    """Shorter side to ``size`` then centre crop to ``size`` x ``size``."""
+    """Shorter side to ``size`` then centre crop to ``size`` x ``size``.
+
+    Beyond an aspect ratio of 16:1 only the kept square is computed (``resize`` with a source box, the
+    same sample positions up to rounding): a 1x20000 strip must not become a 256x5120000 intermediate.
+    """
     new_w, new_h = _resized_size(im.width, im.height, size)
-    if (new_w, new_h) != im.size:
-        im = im.resize((new_w, new_h), resample=resample)
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    if new_w * new_h <= _FULL_RESIZE_MAX * size * size:  # usual shapes: resize all, then crop
+        if (new_w, new_h) != im.size:
+            im = im.resize((new_w, new_h), resample=resample)
+        return im.crop((left, top, left + size, top + size))
+    sx, sy = im.width / new_w, im.height / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return im.resize((size, size), resample=resample, box=box)
 
 
 Norm = tuple[tuple[float, float, float], tuple[float, float, float]]

@@ -10,17 +10,42 @@ from os import PathLike
 
 __all__ = ["HgadError", "InputError", "ConfigError", "TrainingError"]
 
+_WORKER_MARK = "in DataLoader worker process"
+
+
+def _worker_line(text: str) -> str | None:
+    """The original one-line message inside the traceback text that a DataLoader worker sends back.
+
+    torch re-raises a worker's exception as ``type(err)(text)``, ``text`` being "Caught X in
+    DataLoader worker process N. Original Traceback ...", whose last line is "module.X: message".
+    """
+    if _WORKER_MARK not in text.split("\n", 1)[0]:
+        return None
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    head, sep, message = last.partition(": ")
+    return message if sep and head.rsplit(".", 1)[-1].endswith("Error") else last
+
 
 class HgadError(Exception):
     """Base class of user-facing errors; ``str(err)`` is the whole one-line message."""
 
     exit_code = 2
 
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):  # one line even when re-raised from a worker
+            args = (_worker_line(args[0]) or args[0],)
+        super().__init__(*args)
+
 
 class InputError(HgadError):
     """A file or folder given by the user is missing, unreadable or malformed."""
 
-    def __init__(self, path: str | PathLike[str], problem: str) -> None:
+    def __init__(self, path: str | PathLike[str], problem: str | None = None) -> None:
+        if problem is None:  # re-raised from a DataLoader worker: keep its one line (see _worker_line)
+            text = _worker_line(str(path)) or str(path)
+            self.path, _, self.problem = text.partition(": ")
+            super().__init__(text)
+            return
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
@@ -29,7 +54,12 @@ class InputError(HgadError):
 class ConfigError(HgadError):
     """An option or config value is out of range or inconsistent."""
 
-    def __init__(self, option: str, problem: str) -> None:
+    def __init__(self, option: str, problem: str | None = None) -> None:
+        if problem is None:  # re-raised from a DataLoader worker: keep its one line (see _worker_line)
+            text = _worker_line(option) or option
+            self.option, _, self.problem = text.partition(": ")
+            super().__init__(text)
+            return
         self.option = option
         self.problem = problem
         super().__init__(f"{option}: {problem}")

@@ -175,6 +175,11 @@ def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, see
     batch = torch.randn(2, 3, size, size, generator=gen)
     with torch.no_grad():
         ref = graph(batch)
+    from hgad.inference import check_finite_maps, check_threshold
+
+    check_finite_maps(ref[0], "model", "a random batch; nothing exported")
+    for name, thr in zip(model.class_names, model.threshold.tolist()):
+        check_threshold(thr, name, "model")
     got = _session(ort, data, ["CPUExecutionProvider"]).run(None, {INPUT_NAME: batch.numpy()})
     diff, agree = _compare(ref, got)
     check = ExportCheck(max_abs_diff=diff, classes_agree=agree, n_images=len(batch),
@@ -202,8 +207,9 @@ class OnnxDetector:
     """An exported graph run with onnxruntime; same ``predict`` as :class:`hgad.inference.Detector`."""
 
     def __init__(self, session: Any, class_names: list[str], thresholds: list[float], img_size: int,
-                 map_size: int, norm: Norm = IMAGENET_NORM) -> None:
+                 map_size: int, source: str = "model", norm: Norm = IMAGENET_NORM) -> None:
         self.session = session
+        self.source = source
         self._class_names = class_names
         self.thresholds = thresholds
         self.img_size = img_size
@@ -242,7 +248,7 @@ class OnnxDetector:
             if list(saved["class_names"]) != names or int(saved["config"].get("img_size", -1)) != img_size:
                 raise ConfigError("--onnx", f"{path} was not exported from {run_dir} (classes or image size "
                                             "differ)")
-        return cls(session, names, thresholds, img_size, map_size, norm)
+        return cls(session, names, thresholds, img_size, map_size, str(path), norm)
 
     @property
     def class_names(self) -> list[str]:
@@ -265,12 +271,18 @@ class OnnxDetector:
                                          "(it always infers the class); score with the run instead")
         if isinstance(images, Image.Image) or (isinstance(images, Tensor) and images.dim() != 4):
             images = [images]
+        from hgad.inference import check_finite_maps, check_threshold
+
+        if threshold is not None and not math.isfinite(threshold):
+            raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
         batch = torch.stack([self.preprocess(im) for im in images]).float().cpu().numpy()
         maps, scores, classes, conf = self.session.run(None, {INPUT_NAME: batch})
+        check_finite_maps(maps, str(self.source))
         out = []
         for i in range(len(batch)):
             c = int(classes[i])
             thr = self.thresholds[c] if threshold is None else threshold
+            check_threshold(thr, self._class_names[c], str(self.source))
             score = float(scores[i])
             out.append(Prediction(score=score, anomaly_map=maps[i], class_index=c,
                                   class_name=self._class_names[c], class_confidence=float(conf[i]),
@@ -290,6 +302,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="trained run folder")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write (atomically)")
+    from hgad.cli import add_weights_arg
+
+    add_weights_arg(p)
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset version, {_MIN_OPSET} to {_MAX_OPSET} (default: {DEFAULT_OPSET})")
 
@@ -301,8 +316,16 @@ def run_export(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise InputError(args.out, "is a folder; --out names the file to write")
     check_writable(args.out.parent)
-    model = load_model(args.run_dir, "cpu")
-    check = export_onnx(model, args.out, opset=args.opset)
+    model = load_model(args.run_dir, "cpu", **({"backbone_weights": args.backbone_weights}
+                                               if args.backbone_weights else {}))
+    try:
+        check = export_onnx(model, args.out, opset=args.opset)
+    except InputError as err:
+        if err.path != "model":
+            raise
+        from hgad.checkpoint import MODEL_FILE
+
+        raise InputError(Path(args.run_dir) / MODEL_FILE, err.problem) from None
     print(f"onnxruntime check on a random batch of {check.n_images}: classes agree {check.classes_agree}/"
           f"{check.n_images}, max abs diff {check.max_abs_diff:.3g} (maps, scores, confidences)")
     print(f"exported {args.run_dir} ({len(model.class_names)} classes, img_size {model.cfg.img_size}, "

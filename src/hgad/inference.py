@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from hgad import distributed
 from hgad.checkpoint import load_model
 from hgad.data import Catalog, ImageDataset, ImageRecord, preprocess
-from hgad.errors import ConfigError
+from hgad.errors import ConfigError, InputError
 from hgad.metrics import image_metrics, pixel_metrics, summarise
 from hgad.model import HGAD, LatentMaps
 from hgad.stats import MapStats, compute_map_stats
@@ -51,18 +51,20 @@ class Prediction:
 class Detector:
     """A trained model plus its preprocessing: scores PIL images, tensors or files, one by one or batched."""
 
-    def __init__(self, model: HGAD) -> None:
+    def __init__(self, model: HGAD, source: str = "model") -> None:
         self.model = model.eval()
+        self.source = source  # named in errors about the model (its run folder when loaded from one)
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto") -> Detector:
-        """The trained model of a run folder."""
-        return cls(load_model(Path(run_dir), resolve_device(device)))
+    def load(cls, run_dir: str | Path, device: str = "auto", **overrides) -> Detector:
+        """The trained model of a run folder (``overrides``: e.g. ``backbone_weights`` of a moved file)."""
+        return cls(load_model(Path(run_dir), resolve_device(device), **overrides), str(Path(run_dir)))
 
     @classmethod
     def fit(cls, data: Sequence[str], out: str | Path, *, preset: str = "fast", classes: Sequence[str] | None = None,
             resume: bool = False, progress: bool = True, **overrides) -> Detector:
         """Train on the normal images of ``data`` (``["mvtec:/path", ...]``); same as ``hgad train``."""
+        from hgad.cli import _data_record
         from hgad.config import preset as make_config
         from hgad.data import discover
         from hgad.training import fit
@@ -71,7 +73,7 @@ class Detector:
         catalog = discover(list(data), classes, need_test=False)
         model = HGAD(cfg, catalog.classes).to(resolve_device(cfg.device))
         fit(model, catalog.train, Path(out), resume=resume, progress=progress, log=lambda *_: None,
-            extra_config={"data": list(data)})
+            extra_config={"data": _data_record(list(data))})
         return cls(model.eval())
 
     def save(self, run_dir: str | Path) -> None:
@@ -115,18 +117,38 @@ class Detector:
             if class_name not in model.class_names:
                 raise ConfigError("--class", f"unknown class {class_name!r}; known: {', '.join(model.class_names)}")
             classes = torch.full((len(batch),), model.class_names.index(class_name))
+        if threshold is not None and not np.isfinite(threshold):
+            raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
         lm = model.latent_maps(model.extract(batch), classes)
         maps = model.maps(lm, model.stored_stats(), clamp=True).cpu()
+        check_finite_maps(maps, self.source)
         out = []
         for i in range(len(batch)):
             c = int(lm.classes[i])
             thr = float(model.threshold[c]) if threshold is None else threshold
+            check_threshold(thr, model.class_names[c], self.source)
             score = float(maps[i].max())
             conf = float(lm.posterior[i, c]) if lm.posterior is not None else float("nan")
             out.append(Prediction(score=score, anomaly_map=maps[i].numpy(), class_index=c,
                                   class_name=model.class_names[c], class_confidence=conf, threshold=thr,
                                   is_anomalous=score > thr))
         return out
+
+
+def check_finite_maps(maps: Tensor | np.ndarray, source: str, what: str = "the scored images") -> None:
+    """Non-finite anomaly maps are a damaged model or statistics, never "normal": stop with one line."""
+    values = torch.as_tensor(maps)
+    if not bool(torch.isfinite(values).all()):
+        raise InputError(source, f"the model gives non-finite (NaN/inf) anomaly scores for {what}; its weights "
+                                 "or stored statistics are damaged (retrain, or restore the run)")
+
+
+def check_threshold(value: float, class_name: str, source: str) -> None:
+    """A stored threshold that is not finite would call every image normal (inf) or none (nan)."""
+    if not np.isfinite(value):
+        raise InputError(source, f"stored decision threshold of class {class_name!r} is {value}, not a finite "
+                                 "number (calibration did not finish or the run is damaged); give --threshold "
+                                 "or retrain")
 
 
 @dataclass
@@ -147,6 +169,7 @@ class EvalResult:
     histograms: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # class -> normal/anomalous logp
     examples: dict[str, list[dict]] = field(default_factory=dict)  # class -> [{record, map}]
     image_only: list[str] = field(default_factory=list)  # classes with defects but no masks: no pixel metrics
+    warnings: list[str] = field(default_factory=list)  # for stderr: e.g. anomalous images with empty masks
 
 
 def _class_mapping(model: HGAD, catalog: Catalog, class_source: str) -> tuple[dict[int, int], list[str]]:
@@ -224,6 +247,12 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
         else:
             part["lm"] = lm
         parts.append(part)
+    empty_masks: list[str] = []
+    for part in parts:
+        for j, i in enumerate(part["idx"].tolist()):
+            rec = records[i]
+            if rec.label == 1 and rec.mask_path is not None and not bool(part["mask"][j].any()):
+                empty_masks.append(str(rec.mask_path))
     for part in sorted(distributed.all_gather_list(parts, ctx), key=lambda p: int(p["idx"][0])):
         idx = part["idx"]
         predicted[idx] = part["classes"]
@@ -250,6 +279,9 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
             maps[sl] = model.maps(_to(lm, model.device), stats, clamp=False,
                                   stat_classes=true_model_cls[sl], score=score).cpu()
     scores = maps.flatten(1).amax(1)
+    bad = (~torch.isfinite(maps.flatten(1))).any(1).nonzero().flatten()
+    if len(bad):
+        check_finite_maps(maps, "model", f"{len(bad)} of {n} test images (first: {records[int(bad[0])].path})")
     labels = torch.tensor([r.label for r in records])
     cls_idx = torch.tensor([r.class_index for r in records])
     per_class: dict[str, dict[str, float]] = {}
@@ -260,6 +292,8 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
         if len(sel) == 0:
             continue
         m = image_metrics(scores[sel].numpy(), labels[sel].numpy())
+        if not bool((labels[sel] == 0).any()):  # AP and F1-max of all-positive labels are trivially 1
+            m["image_ap"] = m["image_f1max"] = float("nan")
         with_mask = sel[masks[sel].flatten(1).any(1) | (labels[sel] == 0)]
         if catalog.has_masks.get(name, False) and bool(masks[sel].any()):
             m.update(pixel_metrics(maps[with_mask].numpy(), masks[with_mask].numpy()))
@@ -287,7 +321,10 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
                       mean=summarise(per_class), class_accuracy=accuracy, records=records,
                       scores=scores.numpy(), predicted=predicted.numpy(),
                       model_classes=model.class_names, unseen=unseen,
-                      histograms=histograms, examples=examples, image_only=image_only)
+                      histograms=histograms, examples=examples, image_only=image_only,
+                      warnings=[f"{len(empty_masks)} anomalous test image(s) have a mask that is all black at "
+                                f"map size {cfg.map_size} (first: {empty_masks[0]}); they add no defective "
+                                "pixel to the pixel metrics"] if empty_masks else [])
 
 
 def _spread_over_types(indices: list[int], records: list[ImageRecord], n: int) -> list[int]:

@@ -20,7 +20,8 @@ from hgad.inference import Detector, Prediction
 from hgad.io import atomic_write_bytes, atomic_write_text
 from hgad.report import overlay
 
-__all__ = ["predict_paths", "map_png16", "SCORES_FILE"]
+__all__ = ["predict_paths", "map_png16", "SCORES_FILE", "PredictSummary", "check_output_folder",
+           "OUTPUT_ENTRIES"]
 
 SCORES_FILE = "scores.csv"
 
@@ -33,25 +34,58 @@ def map_png16(amap: np.ndarray, full_scale: float) -> bytes:
     return buf.getvalue()
 
 
-def _files(paths: list[Path]) -> list[Path]:
-    """Folders are searched for images; files named explicitly are kept whatever their extension,
-    so that a bad one is reported in scores.csv rather than silently skipped."""
-    out: list[Path] = []
+def _files(paths: list[Path], out: Path) -> list[tuple[Path, str]]:
+    """(image file, output name) of every input, in the order given.
+
+    Folders are searched for images (never inside the output folder ``out``); files named explicitly
+    are kept whatever their extension, so that a bad one is reported in scores.csv rather than
+    silently skipped. The output name keeps the path relative to the folder given (prefixed with the
+    folder's name when several paths are given), and is made unique per input.
+    """
+    out_resolved = Path(out).expanduser().resolve()
+    found: list[tuple[Path, str]] = []
+    several = len(paths) > 1
     for p in paths:
-        if p.is_file():
-            out.append(p)
-        else:
-            out.extend(list_image_files([p]))
-    return out
+        p = Path(p).expanduser()
+        if p.exists() and not p.is_dir():
+            found.append((p, p.stem))
+            continue
+        files = [f for f in list_image_files([p]) if not _inside(f, out_resolved)]
+        prefix = (p.resolve().name or "root") if several else ""
+        for f in files:
+            rel = f.relative_to(p)
+            found.append((f, "/".join(x for x in (prefix, *rel.parent.parts, rel.stem) if x)))
+    out_list: list[tuple[Path, str]] = []
+    used: set[str] = set()
+    seen: set[Path] = set()
+    for f, name in found:
+        key = f.resolve() if f.exists() else f
+        if key in seen:  # the same file reached twice (a file and its folder): scored once
+            continue
+        seen.add(key)
+        unique = name
+        if unique.lower() in used:
+            unique = f"{name}_{f.suffix.lstrip('.').lower() or 'noext'}"
+        k = 2
+        while unique.lower() in used:
+            unique, k = f"{name}_{k}", k + 1
+        used.add(unique.lower())
+        out_list.append((f, unique))
+    return out_list
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder)
+        return True
+    except ValueError:
+        return False
 
 
 def _open(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise InputError(path, f"cannot read image: {str(err).splitlines()[0][:100]}") from None
+    from hgad.data import _open as open_image  # regular files only, pixel limit, one-line errors
+
+    return open_image(path)
 
 
 def _write_outputs(out: Path, stem: str, image: Image.Image, pred: Prediction, map_format: str,
@@ -70,59 +104,110 @@ def _write_outputs(out: Path, stem: str, image: Image.Image, pred: Prediction, m
     return map_name
 
 
+class PredictSummary(str):
+    """The one-line summary printed by ``hgad predict``, with its counts as attributes."""
+
+    n_files: int
+    n_bad: int
+    n_anomalous: int
+
+
+OUTPUT_ENTRIES = frozenset({SCORES_FILE, "maps", "overlays"})
+
+
 def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: float | None = None,
                   class_name: str | None = None, map_format: str = "png16", batch_size: int = 8,
-                  device: str = "auto", progress: bool = True, onnx: Path | None = None) -> str:
+                  device: str = "auto", progress: bool = True, onnx: Path | None = None,
+                  backbone_weights: str | None = None) -> PredictSummary:
     """Score every image under ``paths``; write maps, overlays and scores.csv to ``out``.
 
-    With ``onnx`` (a file written by ``hgad export`` from ``run_dir``) the images go through onnxruntime.
+    The output folder is written whole into a temporary folder beside it and renamed into place at the
+    end (an existing ``out`` must be empty or an earlier output of this command: it is replaced). With
+    ``onnx`` (a file written by ``hgad export`` from ``run_dir``) the images go through onnxruntime.
     """
-    files = _files(paths)  # missing paths fail before the model is loaded
+    import shutil
+
+    from hgad.io import folder_beside, in_final_place, replace_folder
+
+    if threshold is not None and not np.isfinite(threshold):
+        raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
+    check_output_folder(out, OUTPUT_ENTRIES, "hgad predict output")
+    files = _files(paths, out)  # missing paths fail before the model is loaded
     if not files:
-        raise InputError(paths[0], "no image files found")
+        raise InputError(paths[0], "no image files found (the output folder is never scanned)")
     if onnx is not None:
         from hgad.export import OnnxDetector
 
         detector: Detector | OnnxDetector = OnnxDetector.load(onnx, device, run_dir=run_dir)
     else:
-        detector = Detector.load(run_dir, device)
+        overrides = {"backbone_weights": backbone_weights} if backbone_weights else {}
+        detector = Detector.load(run_dir, device, **overrides)
     if class_name is not None and class_name not in detector.class_names:  # before anything is written
         raise ConfigError("--class", f"unknown class {class_name!r}; known: {', '.join(detector.class_names)}")
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, str]] = []
-    stems: dict[str, int] = {}
+    work = folder_beside(out)
+    try:
+        rows, n_bad, n_anomalous = _score_all(detector, files, work, threshold=threshold, class_name=class_name,
+                                              map_format=map_format, batch_size=batch_size, progress=progress)
+        buf = io.StringIO()
+        fields = ["path", "class", "score", "threshold", "is_anomalous", "map", "png16_full_scale", "error"]
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(work / SCORES_FILE, buf.getvalue())
+        replace_folder(work, out)
+    except InputError as err:
+        shutil.rmtree(work, ignore_errors=True)
+        raise in_final_place(err, work, out) from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    scored = len(files) - n_bad
+    summary = PredictSummary(f"scored {scored} of {len(files)} images ({n_anomalous} anomalous, {n_bad} "
+                             f"unreadable); results in {out / SCORES_FILE}")
+    summary.n_files, summary.n_bad, summary.n_anomalous = len(files), n_bad, n_anomalous
+    return summary
+
+
+def check_output_folder(out: Path, known: frozenset[str], what: str) -> None:
+    """An existing output folder is replaced only when it is empty or holds nothing but ``known`` entries
+    (what hgad writes there, and hidden temporary files): never a folder of the user's."""
+    from hgad.io import is_hgad_temporary
+
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for entry in sorted(out.iterdir()):
+        if entry.name not in known and not is_hgad_temporary(entry.name):
+            raise InputError(out, f"exists and is not a {what} folder (it holds {entry.name!r}); it would be "
+                                  "replaced as a whole: choose another --out or empty it")
+
+
+def _score_all(detector, files: list[tuple[Path, str]], out: Path, *, threshold: float | None,
+               class_name: str | None, map_format: str, batch_size: int, progress: bool
+               ) -> tuple[list[dict[str, str]], int, int]:
+    rows: list[dict[str, str] | None] = [None] * len(files)
     n_bad = n_anomalous = 0
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        images: list[tuple[Path, Image.Image]] = []
-        for f in chunk:
+        chunk = list(enumerate(files[start:start + batch_size], start))
+        images: list[tuple[int, Path, str, Image.Image]] = []
+        for i, (f, name) in chunk:
             try:
-                images.append((f, _open(f)))
+                images.append((i, f, name, _open(f)))
             except InputError as err:
                 n_bad += 1
-                rows.append({"path": str(f), "class": "", "score": "", "threshold": "", "is_anomalous": "",
-                             "map": "", "error": err.problem})
-        preds = detector.predict([im for _, im in images], class_name=class_name, threshold=threshold) \
+                rows[i] = {"path": str(f), "class": "", "score": "", "threshold": "", "is_anomalous": "",
+                           "map": "", "error": err.problem}
+        preds = detector.predict([im for *_, im in images], class_name=class_name, threshold=threshold) \
             if images else []
-        for (f, im), pred in zip(images, preds):
-            stem = f.stem if f.stem not in stems else f"{f.stem}_{stems[f.stem]}"
-            stems[f.stem] = stems.get(f.stem, 0) + 1
+        for (i, f, name, im), pred in zip(images, preds):
             full_scale = 2 * pred.threshold if np.isfinite(pred.threshold) and pred.threshold > 0 \
                 else float(pred.anomaly_map.max()) or 1.0
-            map_name = _write_outputs(out, stem, im, pred, map_format, full_scale)
+            map_name = _write_outputs(out, name, im, pred, map_format, full_scale)
             n_anomalous += pred.is_anomalous
-            rows.append({"path": str(f), "class": pred.class_name, "score": f"{pred.score:.6g}",
-                         "threshold": f"{pred.threshold:.6g}", "is_anomalous": str(int(pred.is_anomalous)),
-                         "map": map_name, "png16_full_scale": f"{full_scale:.6g}", "error": ""})
+            rows[i] = {"path": str(f), "class": pred.class_name, "score": f"{pred.score:.6g}",
+                       "threshold": f"{pred.threshold:.6g}", "is_anomalous": str(int(pred.is_anomalous)),
+                       "map": map_name, "png16_full_scale": f"{full_scale:.6g}", "error": ""}
         bar.update(len(chunk))
     bar.close()
-    buf = io.StringIO()
-    fields = ["path", "class", "score", "threshold", "is_anomalous", "map", "png16_full_scale", "error"]
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / SCORES_FILE, buf.getvalue())
-    scored = len(files) - n_bad
-    return (f"scored {scored} of {len(files)} images ({n_anomalous} anomalous, {n_bad} unreadable); "
-            f"results in {out / SCORES_FILE}")
+    return [r for r in rows if r is not None], n_bad, n_anomalous

@@ -83,12 +83,9 @@ def overlay(image: Image.Image, amap: np.ndarray, vmax: float, alpha: float = 0.
 
 
 def _square(image: Image.Image, size: int) -> Image.Image:
-    w, h = image.size
-    s = size / min(w, h)
-    image = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.LANCZOS)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    from hgad.data import _resize_crop
+
+    return _resize_crop(image, size, Image.Resampling.LANCZOS)
 
 
 def _png_b64(fig_or_image) -> str:
