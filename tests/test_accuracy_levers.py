@@ -101,24 +101,26 @@ def test_one_class_cli_run_scores_with_logp(tmp_path: Path, tiny_data: Path, cap
     assert 0.0 <= metrics["mean"]["image_auroc"] <= 1.0
 
 
-def test_feature_norm_standardises_what_the_flow_sees() -> None:
+def test_whiten_makes_the_training_features_white() -> None:
     cfg = preset("fast", backbone="test_efficientnet", backbone_weights="none", taps=(1,), img_size=64,
-                 pyramid_levels=2, n_blocks=1, pos_dim=8, n_intra=2, feature_norm=True)
+                 pyramid_levels=2, n_blocks=1, pos_dim=8, n_intra=2, whiten=True)
     model = HGAD(cfg, ["a", "b"])
     torch.manual_seed(0)
-    batches = [model.extract(torch.randn(3, 3, 64, 64)) for _ in range(2)]
+    batches = [model.extract(torch.rand(4, 3, 64, 64)) for _ in range(3)]
     model.set_feature_stats(iter(batches))
     for lvl in range(2):
-        x = torch.cat([b[lvl] for b in batches]).transpose(0, 1).flatten(1)
-        torch.testing.assert_close(getattr(model, f"feat_mean{lvl}"), x.mean(1), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(getattr(model, f"feat_std{lvl}"), x.std(1, correction=0).clamp_min(1e-3),
-                                   rtol=1e-4, atol=1e-5)
-    assert "feat_mean0" in model.trainable_state()  # saved with the weights
-    assert "feat_mean0" not in _tiny_model(2).trainable_state()  # off: the paper's raw features
+        x = torch.cat([b[lvl] for b in batches]).permute(0, 2, 3, 1).flatten(0, 2).double()
+        torch.testing.assert_close(getattr(model, f"feat_mean{lvl}").double(), x.mean(0), rtol=1e-4, atol=1e-5)
+        w = getattr(model, f"feat_whiten{lvl}").double()
+        torch.testing.assert_close(w, w.T)  # ZCA: symmetric
+        cov = torch.cov(x.T, correction=0) + 0.01 * torch.eye(x.shape[1], dtype=x.dtype)
+        torch.testing.assert_close(w @ cov @ w.T, torch.eye(x.shape[1], dtype=x.dtype), rtol=1e-3, atol=1e-3)
+    assert "feat_whiten0" in model.trainable_state()  # saved with the weights
+    assert "feat_whiten0" not in _tiny_model(2).trainable_state()  # off: the paper's raw features
 
 
 def test_run_folders_of_hgad_0_1_load_with_their_own_settings(tiny_run: Path, tmp_path: Path) -> None:
-    """config.json files written before input_norm / feature_pool / feature_norm existed are read with
+    """config.json files written before input_norm / feature_pool / whiten existed are read with
     the values hgad 0.1 used (ImageNet statistics, no pooling, raw features), not today's defaults."""
     import shutil
 
@@ -128,9 +130,9 @@ def test_run_folders_of_hgad_0_1_load_with_their_own_settings(tiny_run: Path, tm
     old = tmp_path / "old"
     shutil.copytree(tiny_run, old)
     data = json.loads((old / "config.json").read_text())
-    for key in ("input_norm", "feature_pool", "feature_norm"):
+    for key in ("input_norm", "feature_pool", "whiten"):
         data["config"].pop(key)
     (old / "config.json").write_text(json.dumps(data))
     model = load_model(old)
     assert model.cfg.input_norm == "imagenet" and model.input_norm == IMAGENET_NORM
-    assert model.cfg.feature_pool == 1 and model.cfg.feature_norm is False
+    assert model.cfg.feature_pool == 1 and model.cfg.whiten is False

@@ -58,8 +58,8 @@ class HGADConfig:
     feature_pool: int = _opt(1, "k x k local average of the backbone features (odd k; 1: none, the paper)")
     input_norm: str = _opt("backbone", "input normalisation: the backbone's own mean/std (timm pretrained_cfg) "
                            "or imagenet (hgad 0.1 used ImageNet's for every backbone)")
-    feature_norm: bool = _opt(False, "standardise each feature channel with the training images' mean and "
-                              "std before the flow (faster convergence; the paper feeds raw features)")
+    whiten: bool = _opt(False, "whiten the features with the training images' mean and covariance before the "
+                        "flow (a short schedule starts from a Gaussian fit; the paper feeds raw features)")
     img_size: int = _opt(256, "input image size (shorter side resize + centre crop)")
     map_size: int = _opt(256, "size of the anomaly maps and of the ground-truth masks")
     # flow (docs/method.md, "Conditional flow")
@@ -163,7 +163,7 @@ _PAPER: dict[str, Any] = {
     "feature_mode": "pyramid",
     "feature_pool": 1,
     "input_norm": "backbone",  # tf_efficientnet_b6 was trained with ImageNet's statistics: the same values
-    "feature_norm": False,
+    "whiten": False,
     "taps": (3,),
     "pyramid_levels": 3,
     "img_size": 1024,
@@ -193,7 +193,7 @@ DEFAULT_PRESET = "fast"
 
 # Settings added after hgad 0.1 with the value that reproduces what 0.1 did: a run folder whose
 # config.json predates them is loaded with these, never with today's defaults.
-LEGACY_DEFAULTS: dict[str, Any] = {"feature_pool": 1, "input_norm": "imagenet", "feature_norm": False}
+LEGACY_DEFAULTS: dict[str, Any] = {"feature_pool": 1, "input_norm": "imagenet", "whiten": False}
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> HGADConfig:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hgad.backbone import FeatureExtractor
@@ -25,6 +26,8 @@ from hgad.scoring import anomaly_map, class_log_posterior, log_likelihood, neg_e
 from hgad.stats import MapStats
 
 __all__ = ["HGAD", "LatentMaps"]
+
+_WHITEN_EPS = 0.01  # ridge on the feature covariance before whitening (features have variances ~0.1-1)
 
 
 @dataclass
@@ -70,10 +73,10 @@ class HGAD(nn.Module):
         self.register_buffer("ent_smax", torch.zeros(n_classes))
         self.register_buffer("threshold", torch.full((n_classes,), float("inf")))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
-        if cfg.feature_norm:  # per-channel statistics of the training features, set by set_feature_stats()
+        if cfg.whiten:  # mean and whitening matrix of the training features, set by set_feature_stats()
             for lvl, d in enumerate(dims):
                 self.register_buffer(f"feat_mean{lvl}", torch.zeros(d))
-                self.register_buffer(f"feat_std{lvl}", torch.ones(d))
+                self.register_buffer(f"feat_whiten{lvl}", torch.eye(d))
         self._pos_cache: dict[tuple[int, int, str], Tensor] = {}
 
     # ---- parameters and state -------------------------------------------------------------
@@ -127,8 +130,8 @@ class HGAD(nn.Module):
         """Flow of scale ``level``: features (B, D, h, w) -> z (B*h*w, D) float32 and log-det (B*h*w,)."""
         b, d, h, w = feat.shape
         x = feat.to(self.device, torch.float32).permute(0, 2, 3, 1).reshape(b * h * w, d)
-        if self.cfg.feature_norm:
-            x = (x - getattr(self, f"feat_mean{level}")) / getattr(self, f"feat_std{level}")
+        if self.cfg.whiten:
+            x = F.linear(x - getattr(self, f"feat_mean{level}"), getattr(self, f"feat_whiten{level}"))
         c = self._positions(h, w, x.device)  # (h*w, P), shared by the b images (not repeated)
         with self._autocast():
             z, logdet = self.flows[level](x, c)
@@ -136,28 +139,36 @@ class HGAD(nn.Module):
 
     @torch.no_grad()
     def set_feature_stats(self, batches) -> None:
-        """Per-channel mean and std of the training features (``batches`` yields per-scale feature lists),
-        used by ``feature_norm`` to standardise what the flows see; a no-op without it."""
-        if not self.cfg.feature_norm:
+        """Mean and ZCA whitening matrix ``(C + eps I)^(-1/2)`` of the training features (``batches`` yields
+        per-scale feature lists), used by ``whiten``; a no-op without it.
+
+        Whitened input makes the untrained flow a Gaussian of the features' own covariance (the
+        Mahalanobis distance of a unified Gaussian yardstick) instead of ``N(0, I)`` on raw features, so a
+        short schedule starts from a sensible density; the constant log-determinant of this fixed map
+        is left out (it cancels in every normalised score).
+        """
+        if not self.cfg.whiten:
             return
         sums: list[Tensor] = []
-        squares: list[Tensor] = []
+        outer: list[Tensor] = []
         count = [0] * len(self.flows)
         for feats in batches:
             for lvl, f in enumerate(feats):
-                x = f.double().transpose(0, 1).flatten(1)  # (D, B*h*w)
+                x = f.to("cpu", torch.float64).permute(0, 2, 3, 1).flatten(0, 2)  # (B*h*w, D)
                 if lvl == len(sums):
-                    sums.append(x.sum(1))
-                    squares.append((x * x).sum(1))
+                    sums.append(x.sum(0))
+                    outer.append(x.T @ x)
                 else:
-                    sums[lvl] += x.sum(1)
-                    squares[lvl] += (x * x).sum(1)
-                count[lvl] += x.shape[1]
-        for lvl, (s1, s2) in enumerate(zip(sums, squares)):
+                    sums[lvl] += x.sum(0)
+                    outer[lvl] += x.T @ x
+                count[lvl] += x.shape[0]
+        for lvl, (s1, s2) in enumerate(zip(sums, outer)):
             mean = s1 / count[lvl]
-            std = (s2 / count[lvl] - mean * mean).clamp_min(0).sqrt().clamp_min(1e-3)
+            cov = s2 / count[lvl] - torch.outer(mean, mean)
+            eigval, eigvec = torch.linalg.eigh(cov + _WHITEN_EPS * torch.eye(len(mean), dtype=cov.dtype))
+            whiten = eigvec @ torch.diag(eigval.clamp_min(_WHITEN_EPS).rsqrt()) @ eigvec.T
             getattr(self, f"feat_mean{lvl}").copy_(mean.float())
-            getattr(self, f"feat_std{lvl}").copy_(std.float())
+            getattr(self, f"feat_whiten{lvl}").copy_(whiten.float())
 
     # ---- training -----------------------------------------------------------------------------
     def loss(self, feats: list[Tensor], labels: Tensor, stage: int) -> dict[str, Tensor]:
