@@ -136,3 +136,49 @@ def test_run_folders_of_hgad_0_1_load_with_their_own_settings(tiny_run: Path, tm
     model = load_model(old)
     assert model.cfg.input_norm == "imagenet" and model.input_norm == IMAGENET_NORM
     assert model.cfg.feature_pool == 1 and model.cfg.whiten is False
+
+
+def test_zscore_map_by_hand() -> None:
+    from hgad.scoring import zscore_map
+
+    # two scales of one image: 2x2 and 1x1; upsampled to 2x2 (align_corners) and summed, no blur
+    fine = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    coarse = torch.tensor([[[0.0]]])
+    means = [torch.full((1, 2, 2), 2.0), torch.tensor([[[1.0]]])]
+    stds = [torch.full((1, 2, 2), 0.5), torch.tensor([[[2.0]]])]
+    out = zscore_map([fine, coarse], means, stds, out_size=2, sigma=0)
+    expected = (2.0 - fine) / 0.5 + (1.0 - 0.0) / 2.0  # the 1x1 scale upsamples to a constant
+    torch.testing.assert_close(out, expected)
+
+
+def test_position_stats_by_hand() -> None:
+    from hgad.stats import compute_position_stats
+
+    maps = [torch.tensor([[[1.0, 5.0]], [[3.0, 5.0]], [[10.0, 0.0]]])]  # 3 images of 1x2, classes 0, 0, 1
+    [(mean, std)] = compute_position_stats(maps, torch.tensor([0, 0, 1]), 3)
+    torch.testing.assert_close(mean, torch.tensor([[[2.0, 5.0]], [[10.0, 0.0]], [[0.0, 0.0]]]))
+    # population std; a constant position and a one-image class get the floor 1e-3; an empty class 1
+    torch.testing.assert_close(std, torch.tensor([[[1.0, 1e-3]], [[1e-3, 1e-3]], [[1.0, 1.0]]]))
+
+
+def test_zscore_run_scores_alone_as_in_a_batch_and_exports(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from hgad.inference import Detector
+
+    run = tmp_path / "z"
+    assert main(["train", "--data", f"mvtec:{tiny_data}", "--out", str(run), "--no-progress",
+                 *tiny_flags(score_norm="zscore", feature_pool=3), "--whiten"]) == 0
+    det = Detector.load(run, device="cpu")
+    assert det.model.cfg.score_norm == "zscore" and "z_logp_mean0" in det.model.trainable_state()
+    files = sorted(tiny_data.glob("*/test/*/*.png"))[:3]
+    images = [Image.open(f).convert("RGB") for f in files]
+    batch = det.predict(images)
+    [alone] = det.predict(images[0])
+    assert alone.score == pytest.approx(batch[0].score, rel=1e-4, abs=1e-4)
+    assert all(torch.isfinite(torch.as_tensor(p.anomaly_map)).all() for p in batch)
+    assert main(["test", str(run), "--no-progress", "--no-report"]) == 0
+    metrics = json.loads((run / "test-deploy-inferred" / "metrics.json").read_text())
+    assert 0 <= metrics["mean"]["pixel_auroc"] <= 1
+    assert main(["test", str(run), "--protocol", "paper", "--class-source", "known", "--no-progress",
+                 "--no-report"]) == 0  # the release's protocol works for any run

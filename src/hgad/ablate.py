@@ -95,6 +95,7 @@ def _shared_backbone_type() -> type:
             self.inner = inner
             self.feature_dims = inner.feature_dims
             self.norm = inner.norm
+            self.scale_shapes = inner.scale_shapes
             self.budget_bytes = budget_bytes
             self.stored_bytes = 0
             self._memo: dict[tuple, list[torch.Tensor]] = {}

@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "feature_mode": ("pyramid", "layers"),
     "prior": ("hgmm", "gaussian"),
     "input_norm": ("backbone", "imagenet"),
+    "score_norm": ("max", "zscore"),
     "score": ("product", "logp", "entropy"),
     "cache": ("memory", "disk", "none"),
     "cache_dtype": ("float16", "bfloat16", "float32"),
@@ -94,6 +95,9 @@ class HGADConfig:
     num_workers: int = _opt(0, "DataLoader workers for image decoding")
     # scoring (docs/method.md, "Scoring")
     score: str = _opt("product", "pixel score: product of both maps (paper), logp only or entropy only")
+    score_norm: str = _opt("max", "deploy normalisation of the maps: max (the release's: exp(m - max), summed, "
+                           "s_max - S) or zscore (per class and position: (mean - m) / std over the training "
+                           "images, summed over scales; with zscore, product means the sum of both z maps)")
     blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly maps (0 disables)")
     threshold_quantile: float = _opt(
         0.99, "decision threshold = this quantile of the training images' scores, per class")
@@ -184,6 +188,7 @@ _PAPER: dict[str, Any] = {
     "warmup_epochs": 2,
     "seed": 0,
     "score": "product",
+    "score_norm": "max",
     "blur_sigma": 4.0,
 }
 
@@ -193,7 +198,8 @@ DEFAULT_PRESET = "fast"
 
 # Settings added after hgad 0.1 with the value that reproduces what 0.1 did: a run folder whose
 # config.json predates them is loaded with these, never with today's defaults.
-LEGACY_DEFAULTS: dict[str, Any] = {"feature_pool": 1, "input_norm": "imagenet", "whiten": False}
+LEGACY_DEFAULTS: dict[str, Any] = {"feature_pool": 1, "input_norm": "imagenet", "whiten": False,
+                                   "score_norm": "max"}
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> HGADConfig:

@@ -72,7 +72,7 @@ class InferenceGraph(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         model = self.model
         lm = model.latent_maps(model.extract(images), None)
-        maps = model.maps(lm, model.stored_stats(), clamp=True)
+        maps = model.deploy_maps(lm)
         scores = image_scores(maps)
         classes = lm.classes.long()
         if lm.posterior is None:

@@ -120,7 +120,7 @@ class Detector:
         if threshold is not None and not np.isfinite(threshold):
             raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
         lm = model.latent_maps(model.extract(batch), classes)
-        maps = model.maps(lm, model.stored_stats(), clamp=True).cpu()
+        maps = model.deploy_maps(lm).cpu()
         check_finite_maps(maps, self.source)
         out = []
         for i in range(len(batch)):
@@ -243,7 +243,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
                 "groups": [_vector_groups(lm.logp[0][j], batch["mask"][j, 0], int(batch["label"][j]))
                            for j in range(len(idx))]}
         if protocol == "deploy":
-            part["maps"] = model.maps(_to(lm, model.device), model.stored_stats(), clamp=True, score=score).cpu()
+            part["maps"] = model.deploy_maps(_to(lm, model.device), score=score).cpu()
         else:
             part["lm"] = lm
         parts.append(part)

@@ -22,7 +22,7 @@ from hgad.errors import ConfigError
 from hgad.flow import ConditionalFlow, positional_encoding_2d
 from hgad.losses import LossConfig, hgad_loss
 from hgad.prior import HierarchicalPrior
-from hgad.scoring import anomaly_map, class_log_posterior, log_likelihood, neg_entropy
+from hgad.scoring import anomaly_map, class_log_posterior, log_likelihood, neg_entropy, zscore_map
 from hgad.stats import MapStats
 
 __all__ = ["HGAD", "LatentMaps"]
@@ -73,6 +73,11 @@ class HGAD(nn.Module):
         self.register_buffer("ent_smax", torch.zeros(n_classes))
         self.register_buffer("threshold", torch.full((n_classes,), float("inf")))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        if cfg.score_norm == "zscore":  # per class and position statistics of the training maps (calibrate)
+            for lvl, (h, w) in enumerate(self.backbone.scale_shapes(cfg.img_size)):
+                for kind in ("logp", "ent"):
+                    self.register_buffer(f"z_{kind}_mean{lvl}", torch.zeros(n_classes, h, w))
+                    self.register_buffer(f"z_{kind}_std{lvl}", torch.ones(n_classes, h, w))
         if cfg.whiten:  # mean and whitening matrix of the training features, set by set_feature_stats()
             for lvl, d in enumerate(dims):
                 self.register_buffer(f"feat_mean{lvl}", torch.zeros(d))
@@ -230,6 +235,30 @@ class HGAD(nn.Module):
             self.ent_max.copy_(ent.scale_max)
             self.ent_smax.copy_(ent.s_max)
         self.calibrated.fill_(True)
+
+    def set_position_stats(self, kind: str, stats: list[tuple[Tensor, Tensor]]) -> None:
+        """Store per-position statistics (see :func:`hgad.stats.compute_position_stats`) of ``logp`` or ``ent``."""
+        for lvl, (mean, std) in enumerate(stats):
+            getattr(self, f"z_{kind}_mean{lvl}").copy_(mean)
+            getattr(self, f"z_{kind}_std{lvl}").copy_(std)
+
+    def deploy_maps(self, lm: LatentMaps, score: str | None = None) -> Tensor:
+        """Anomaly maps (B, M, M) under the deploy protocol: the statistics stored at training, each image
+        normalised by its own class's rows only (``score_norm`` chooses the release's max normalisation
+        or per-position z-scores; ``score`` overrides the configured pixel score)."""
+        if self.cfg.score_norm != "zscore":
+            return self.maps(lm, self.stored_stats(), clamp=True, score=score)
+        kind = self.score_kind(score)
+        cls = lm.classes.to(self.device).long()
+        parts = []
+        for name, levels in (("logp", lm.logp), ("ent", lm.ent)):
+            if kind == ("entropy" if name == "logp" else "logp") or levels is None:
+                continue
+            n = len(levels)
+            means = [getattr(self, f"z_{name}_mean{lvl}")[cls] for lvl in range(n)]
+            stds = [getattr(self, f"z_{name}_std{lvl}")[cls] for lvl in range(n)]
+            parts.append(zscore_map(levels, means, stds, self.cfg.map_size, self.cfg.blur_sigma))
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     def score_kind(self, score: str | None = None) -> str:
         """The pixel score used: ``score`` or the configured one, with ``product`` falling back to ``logp``

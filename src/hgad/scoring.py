@@ -28,6 +28,7 @@ __all__ = [
     "gaussian_blur",
     "combine_scales",
     "anomaly_map",
+    "zscore_map",
     "image_scores",
 ]
 
@@ -144,6 +145,33 @@ def anomaly_map(
     if sigma > 0:
         amap = gaussian_blur(amap, sigma)
     return amap
+
+
+def zscore_map(
+    log_maps: Sequence[Tensor],
+    means: Sequence[Tensor],
+    stds: Sequence[Tensor],
+    out_size: int = 256,
+    sigma: float = 4.0,
+) -> Tensor:
+    """Anomaly map ``(B, out, out)`` from per-position standardised log maps, summed over scales, blurred.
+
+    ``A = sum_l upsample((mean_l - m_l) / std_l)`` (bilinear, ``align_corners=True``): how many standard
+    deviations each position's log-likelihood lies below what the class's training images show *at that
+    position*. ``log_maps[l]``, ``means[l]`` and ``stds[l]`` are ``(B, h_l, w_l)`` (the statistics already
+    gathered for each image's class). Unlike :func:`anomaly_map` nothing saturates: a vector far out of
+    distribution scores higher than one just outside it.
+    """
+    if len(log_maps) == 0:
+        raise ConfigError("scales", "at least one scale is needed")
+    total: Tensor | None = None
+    for log_map, mean, std in zip(log_maps, means, stds):
+        z = (mean.float() - log_map.float()) / std.float()
+        up = F.interpolate(z[:, None], size=(out_size, out_size), mode="bilinear", align_corners=True)[:, 0]
+        total = up if total is None else total + up
+    if sigma > 0:
+        total = gaussian_blur(total, sigma)
+    return total
 
 
 def image_scores(maps: Tensor) -> Tensor:

@@ -17,7 +17,9 @@ from torch import Tensor
 
 from hgad.scoring import combine_scales
 
-__all__ = ["MapStats", "compute_map_stats"]
+__all__ = ["MapStats", "compute_map_stats", "compute_position_stats"]
+
+_MIN_STD = 1e-3  # floor of a per-position standard deviation (one training image, or a constant map)
 
 
 @dataclass
@@ -55,3 +57,25 @@ def compute_map_stats(log_maps: Sequence[Tensor], classes: Tensor, n_classes: in
     seen = torch.isfinite(s_max_seen)
     s_max[seen] = s_max_seen[seen]
     return MapStats(scale_max=scale_max, s_max=s_max)
+
+
+def compute_position_stats(log_maps: Sequence[Tensor], classes: Tensor, n_classes: int
+                           ) -> list[tuple[Tensor, Tensor]]:
+    """Per scale: mean and standard deviation ``(Y, h_l, w_l)`` of the maps of each class's images, per position.
+
+    The ``zscore`` deploy normalisation: a position is compared with what the class's training images
+    show at that same position. Classes without images get mean 0 and std 1 (never gathered).
+    """
+    classes = classes.cpu().long()
+    out = []
+    for m in log_maps:
+        m = m.detach().double().cpu()
+        mean = torch.zeros(n_classes, *m.shape[1:], dtype=torch.float64)
+        std = torch.ones(n_classes, *m.shape[1:], dtype=torch.float64)
+        for c in range(n_classes):
+            own = m[classes == c]
+            if len(own):
+                mean[c] = own.mean(0)
+                std[c] = own.std(0, correction=0).clamp_min(_MIN_STD)
+        out.append((mean.float(), std.float()))
+    return out

@@ -29,7 +29,7 @@ from hgad.data import ImageDataset, ImageRecord
 from hgad.errors import ConfigError, TrainingError
 from hgad.io import atomic_path, atomic_write_json, atomic_write_text
 from hgad.model import HGAD, LatentMaps
-from hgad.stats import compute_map_stats
+from hgad.stats import compute_map_stats, compute_position_stats
 
 __all__ = ["resolve_device", "learning_rate", "FeatureStore", "TrainResult", "fit", "calibrate",
            "epoch_order", "LOG_FILE", "SUMMARY_FILE"]
@@ -368,13 +368,17 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
     stats_logp = compute_map_stats(logp_levels, labels, y, size)
     stats_ent = compute_map_stats(ent_levels, labels, y, size) if ent_levels else None
     model.set_stats(stats_logp, stats_ent)
+    if model.cfg.score_norm == "zscore":
+        model.set_position_stats("logp", compute_position_stats(logp_levels, labels, y))
+        if ent_levels:
+            model.set_position_stats("ent", compute_position_stats(ent_levels, labels, y))
     scores = torch.empty(n)
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         lm_logp = [m[sl].to(model.device) for m in logp_levels]
         lm_ent = [m[sl].to(model.device) for m in ent_levels] if ent_levels else None
         lm = LatentMaps(logp=lm_logp, ent=lm_ent, posterior=None, classes=labels[sl].to(model.device))
-        scores[sl] = model.maps(lm, model.stored_stats(), clamp=True).flatten(1).amax(1).cpu()
+        scores[sl] = model.deploy_maps(lm).flatten(1).amax(1).cpu()
     for c in range(y):
         own = scores[labels == c]
         if len(own):
