@@ -16,8 +16,10 @@ from PIL import Image
 
 from hgad.checkpoint import load_model
 from hgad.cli import main
+from hgad.config import config_from_dict
 from hgad.errors import ConfigError
 from hgad.inference import Detector
+from hgad.model import HGAD
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -25,6 +27,7 @@ ort = pytest.importorskip("onnxruntime")
 from hgad.export import INPUT_NAME, InferenceGraph, OnnxDetector, _trace  # noqa: E402
 
 TOL = 1e-4
+REL = 2e-5  # z-score maps reach ~100: float32 rounding of onnxruntime vs PyTorch is relative
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def _test_files(tiny_data: Path) -> list[Path]:
 
 def test_export_writes_checked_model_with_metadata(exported, tiny_run: Path, torch_det: Detector):
     path, stdout = exported
-    assert "max abs diff" in stdout and "classes agree 2/2" in stdout
+    assert "max relative diff" in stdout and "classes agree 2/2" in stdout
     assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temp file left behind
     proto = onnx.load(str(path))
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -79,10 +82,15 @@ def test_graph_has_no_loops_and_does_not_grow_with_the_number_of_vectors(exporte
     proto = onnx.load(str(path))
     ops = {n.op_type for n in proto.graph.node}
     assert not ops & {"Loop", "Scan", "If", "SequenceConstruct", "SplitToSequence"}
-    # a quarter of the vectors (64 px input): the same graph, only its constant shapes differ
-    small = load_model(tiny_run, img_size=64)
-    small_proto = onnx.load_from_string(_trace(InferenceGraph(small), torch.zeros(1, 3, 64, 64), 17))
-    assert len(small_proto.graph.node) == len(proto.graph.node)
+    # a quarter of the vectors (64 px input): the same graph, only its constant shapes differ (new models:
+    # per-position statistics are shaped by the image size; the weights are irrelevant to the graph)
+    cfg = load_model(tiny_run).cfg.to_dict()
+    sizes = {}
+    for size in (128, 64):
+        model = HGAD(config_from_dict({**cfg, "img_size": size}), ["a", "b"])
+        sizes[size] = len(onnx.load_from_string(_trace(InferenceGraph(model), torch.zeros(1, 3, size, size),
+                                                       17)).graph.node)
+    assert sizes[64] == sizes[128]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -93,9 +101,9 @@ def test_onnxruntime_matches_pytorch_detector(torch_det: Detector, onnx_det: Onn
     maps, scores, classes, conf = onnx_det.session.run(None, {INPUT_NAME: x})
     ref = torch_det.predict(images)
     assert maps.shape == (batch, 64, 64) and classes.dtype == np.int64
-    np.testing.assert_allclose(maps, np.stack([p.anomaly_map for p in ref]), rtol=0, atol=TOL)
-    np.testing.assert_allclose(scores, [p.score for p in ref], rtol=0, atol=TOL)
-    np.testing.assert_allclose(conf, [p.class_confidence for p in ref], rtol=0, atol=TOL)
+    np.testing.assert_allclose(maps, np.stack([p.anomaly_map for p in ref]), rtol=REL, atol=TOL)
+    np.testing.assert_allclose(scores, [p.score for p in ref], rtol=REL, atol=TOL)
+    np.testing.assert_allclose(conf, [p.class_confidence for p in ref], rtol=REL, atol=TOL)
     assert classes.tolist() == [p.class_index for p in ref]
     # the detector wrapper reads thresholds and names from the metadata
     got = onnx_det.predict(images)
@@ -122,7 +130,7 @@ def test_predict_cli_with_onnx_matches_pytorch(exported, tiny_run: Path, tiny_da
         assert (other["class"], other["is_anomalous"]) == (row["class"], row["is_anomalous"])
         assert other["error"] == row["error"] == ""
         a, b = np.load(tmp_path / "pt" / row["map"]), np.load(tmp_path / "onnx" / other["map"])
-        np.testing.assert_allclose(b, a, rtol=0, atol=TOL)
+        np.testing.assert_allclose(b, a, rtol=REL, atol=TOL)
 
 
 def test_user_errors_are_one_line(exported, tiny_run: Path, tiny_data: Path, tmp_path: Path, capsys):

@@ -56,10 +56,10 @@ class HGADConfig:
     feature_mode: str = _opt("pyramid", "pyramid: one tap on an image pyramid (paper); layers: several taps")
     taps: tuple[int, ...] = _opt((3,), "feature indices of the backbone to use (timm features_only order)")
     pyramid_levels: int = _opt(3, "number of image-pyramid levels (pyramid mode)")
-    feature_pool: int = _opt(1, "k x k local average of the backbone features (odd k; 1: none, the paper)")
+    feature_pool: int = _opt(3, "k x k local average of the backbone features (odd k; 1: none, the paper)")
     input_norm: str = _opt("backbone", "input normalisation: the backbone's own mean/std (timm pretrained_cfg) "
                            "or imagenet (hgad 0.1 used ImageNet's for every backbone)")
-    whiten: bool = _opt(False, "whiten the features with the training images' mean and covariance before the "
+    whiten: bool = _opt(True, "whiten the features with the training images' mean and covariance before the "
                         "flow (a short schedule starts from a Gaussian fit; the paper feeds raw features)")
     img_size: int = _opt(256, "input image size (shorter side resize + centre crop)")
     map_size: int = _opt(256, "size of the anomaly maps and of the ground-truth masks")
@@ -77,8 +77,8 @@ class HGADConfig:
     use_entropy: bool = _opt(True, "use the entropy loss")
     two_stage: bool = _opt(True, "train intra-class centres only after the first stage")
     # optimisation (docs/method.md, "Training schedule")
-    meta_epochs: int = _opt(6, "meta-epochs (the learning-rate schedule steps once per meta-epoch)")
-    sub_epochs: int = _opt(2, "passes over the data per meta-epoch")
+    meta_epochs: int = _opt(12, "meta-epochs (the learning-rate schedule steps once per meta-epoch)")
+    sub_epochs: int = _opt(4, "passes over the data per meta-epoch")
     stage1_epochs: int = _opt(2, "meta-epochs of stage 1 before the intra-class losses start")
     batch_size: int = _opt(8, "images per training step")
     lr: float = _opt(1e-3, "peak learning rate")
@@ -94,8 +94,8 @@ class HGADConfig:
     amp: bool = _opt(True, "bf16 autocast for the flows on CUDA (ignored on CPU)")
     num_workers: int = _opt(0, "DataLoader workers for image decoding")
     # scoring (docs/method.md, "Scoring")
-    score: str = _opt("product", "pixel score: product of both maps (paper), logp only or entropy only")
-    score_norm: str = _opt("max", "deploy normalisation of the maps: max (the release's: exp(m - max), summed, "
+    score: str = _opt("logp", "pixel score: product of both maps (paper), logp only or entropy only")
+    score_norm: str = _opt("zscore", "deploy normalisation of the maps: max (the release's: exp(m - max), summed, "
                            "s_max - S) or zscore (per class and position: (mean - m) / std over the training "
                            "images, summed over scales; with zscore, product means the sum of both z maps)")
     blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly maps (0 disables)")
