@@ -312,6 +312,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="results JSON")
     p.add_argument("--md", type=Path, help="also write the Markdown table to this file")
     p.add_argument("--table", type=Path, metavar="DIR", help="print the table of exploration JSONs in DIR and exit")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="combine the datasets of result files written with --out (runs made in parallel)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny datasets and model, to check the script runs (seconds; numbers meaningless)")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -326,6 +328,11 @@ def main() -> None:
         print(table_of(args.table))
         return None
     sys.path.insert(0, str(HERE.parent / "src"))
+    if args.merge:
+        parts = [json.loads(f.read_text()) for f in args.merge]
+        payload = {**parts[0], "datasets": {k: v for p_ in parts for k, v in p_["datasets"].items()},
+                   "machines": [p_["machine"] for p_ in parts]}
+        return _report(args, payload, [p_["machine"]["command"] for p_ in parts])
     from common import machine_info
 
     overrides = {**(SMOKE_HGAD if args.smoke else {}), **_parse_set(args.set)}
@@ -334,7 +341,7 @@ def main() -> None:
     methods = ["hgad"] if args.skip_baselines else [m for m in args.methods.split(",") if m]
     payload: dict[str, Any] = {"machine": machine_info(["cuda" if args.device == "cuda" else "cpu"]),
                                "label": args.label, "preset": args.preset, "overrides": overrides,
-                               "smoke": args.smoke, "datasets": {}}
+                               "smoke": args.smoke, "worker_threads": args.threads, "datasets": {}}
     for name in [d for d in args.datasets.split(",") if d]:
         data = build_dataset(name, args.work, args.smoke)
         payload["datasets"][name] = {}
@@ -345,6 +352,11 @@ def main() -> None:
             payload["datasets"][name][method] = r
             print(f"[{name}] {method}: image {_pct(r['image_auroc'])} pixel {_pct(r['pixel_auroc'])} "
                   f"aupro {_pct(r['aupro'])} train {r['train_s']:.0f} s", flush=True)
+    return _report(args, payload, [payload["machine"]["command"]])
+
+
+def _report(args: argparse.Namespace, payload: dict[str, Any], commands: list[str]) -> None:
+    """Print the table and the targets; write --out (JSON) and --md (the table with the commands)."""
     table = markdown(payload)
     print(table)
     for line in targets(payload):
@@ -356,11 +368,13 @@ def main() -> None:
     if args.md:
         from hgad.io import atomic_write_text
 
-        cmd = " ".join(["python benchmarks/accuracy.py", *sys.argv[1:]])
-        atomic_write_text(args.md, f"Command: `{cmd}`\n\nMachine: {payload['machine']['cpu']}, "
-                          f"{payload['machine']['cpu_cores_usable']} cores, load average at start "
-                          f"{payload['machine']['load_average_1min_at_start']}, {payload['machine']['date']}\n\n"
-                          + table + "\n" + "\n".join(f"- {t}" for t in targets(payload)) + "\n")
+        machines = payload.get("machines", [payload["machine"]])
+        threads = payload.get("worker_threads") or "torch's default"
+        head = "\n".join(f"    python benchmarks/{c}" for c in commands)
+        where = "; ".join(f"{m['cpu']}, {m['cpu_cores_usable']} cores, torch threads per detector {threads}, load "
+                          f"average at start {m['load_average_1min_at_start']}, {m['date']}" for m in machines)
+        atomic_write_text(args.md, f"Commands:\n\n{head}\n\nMachine: {where}\n\n" + table + "\n"
+                          + "\n".join(f"- {t}" for t in targets(payload)) + "\n")
 
 
 if __name__ == "__main__":
