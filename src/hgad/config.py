@@ -61,7 +61,7 @@ class HGADConfig:
                            "or imagenet (hgad 0.1 used ImageNet's for every backbone)")
     whiten: bool = _opt(True, "whiten the features with the training images' mean and covariance before the "
                         "flow (a short schedule starts from a Gaussian fit; the paper feeds raw features)")
-    img_size: int = _opt(256, "input image size (shorter side resize + centre crop)")
+    img_size: int = _opt(384, "input image size (shorter side resize + centre crop)")
     map_size: int = _opt(256, "size of the anomaly maps and of the ground-truth masks")
     # flow (docs/method.md, "Conditional flow")
     n_blocks: int = _opt(8, "coupling blocks per flow")
