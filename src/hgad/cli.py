@@ -450,7 +450,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     from hgad.checkpoint import CONFIG_FILE, read_run_config
     from hgad.data import discover
     from hgad.inference import evaluate
-    from hgad.io import folder_beside, in_final_place, replace_folder
+    from hgad.io import whole_folder
     from hgad.predict import check_output_folder
     from hgad.report import markdown_table, write_reports
     from hgad.training import resolve_device
@@ -492,16 +492,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         return 0
     for warning in result.warnings:
         print(f"hgad test: warning: {warning}", file=sys.stderr)
-    work = folder_beside(out)  # the report folder is replaced as a whole: never new metrics beside an old report
-    try:
+    with whole_folder(out) as work:  # the report folder is replaced as a whole: never new metrics beside an old report
         write_reports(result, work, html=not args.no_report, seconds=seconds)
-        replace_folder(work, out)
-    except InputError as err:
-        shutil.rmtree(work, ignore_errors=True)
-        raise in_final_place(err, work, out) from None
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     names = ["metrics.json", "metrics.md", "image_scores.csv"] + ([] if args.no_report else ["report.html"])
     print(markdown_table(result))
     if result.unseen:

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from hgad.errors import InputError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_save_tensors", "write_error", "in_final_place", "is_hgad_temporary",
+           "atomic_save_tensors", "write_error", "in_final_place", "is_hgad_temporary", "whole_folder",
            "folder_beside", "replace_folder", "FolderLock"]
 
 
@@ -125,6 +125,25 @@ def replace_folder(new: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def whole_folder(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new folder beside ``dest`` to write into; on success it replaces ``dest`` as a whole.
+
+    On any failure the partial folder is removed and ``dest`` stays as it was; an error about a file
+    in the partial folder is reworded to name the file's final place.
+    """
+    work = folder_beside(dest)
+    try:
+        yield work
+        replace_folder(work, dest)
+    except InputError as err:
+        shutil.rmtree(work, ignore_errors=True)
+        raise in_final_place(err, work, dest) from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 class FolderLock:

@@ -125,9 +125,7 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
     end (an existing ``out`` must be empty or an earlier output of this command: it is replaced). With
     ``onnx`` (a file written by ``hgad export`` from ``run_dir``) the images go through onnxruntime.
     """
-    import shutil
-
-    from hgad.io import folder_beside, in_final_place, replace_folder
+    from hgad.io import whole_folder
 
     if threshold is not None and not np.isfinite(threshold):
         raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
@@ -144,8 +142,7 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
         detector = Detector.load(run_dir, device, **overrides)
     if class_name is not None and class_name not in detector.class_names:  # before anything is written
         raise ConfigError("--class", f"unknown class {class_name!r}; known: {', '.join(detector.class_names)}")
-    work = folder_beside(out)
-    try:
+    with whole_folder(out) as work:
         rows, n_bad, n_anomalous = _score_all(detector, files, work, threshold=threshold, class_name=class_name,
                                               map_format=map_format, batch_size=batch_size, progress=progress)
         buf = io.StringIO()
@@ -154,13 +151,6 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(work / SCORES_FILE, buf.getvalue())
-        replace_folder(work, out)
-    except InputError as err:
-        shutil.rmtree(work, ignore_errors=True)
-        raise in_final_place(err, work, out) from None
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     scored = len(files) - n_bad
     summary = PredictSummary(f"scored {scored} of {len(files)} images ({n_anomalous} anomalous, {n_bad} "
                              f"unreadable); results in {out / SCORES_FILE}")
