@@ -3,6 +3,7 @@ and a meaningful default score for a one-class model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def test_one_class_product_score_falls_back_to_logp() -> None:
     product would be a constant map; the log-likelihood map is used instead."""
     one, two = _tiny_model(1), _tiny_model(2)
     assert one.score_kind() == "logp" and one.score_kind("product") == "logp"
-    assert two.score_kind() == "product" and two.score_kind("entropy") == "entropy"
+    assert two.score_kind("product") == "product" and two.score_kind("entropy") == "entropy"
     with pytest.raises(ConfigError, match="entropy needs"):
         one.score_kind("entropy")
     with pytest.raises(ConfigError, match="--score"):
@@ -80,14 +81,14 @@ def test_one_class_product_score_falls_back_to_logp() -> None:
 
 
 def test_test_rescore_writes_its_own_folder(tiny_run: Path, capsys) -> None:
-    assert main(["test", str(tiny_run), "--score", "logp", "--no-progress", "--no-report"]) == 0
+    assert main(["test", str(tiny_run), "--score", "product", "--no-progress", "--no-report"]) == 0
     out = capsys.readouterr().out
-    assert "score `logp`" in out
-    metrics = json.loads((tiny_run / "test-deploy-inferred-score-logp" / "metrics.json").read_text())
-    assert metrics["score"] == "logp"
+    assert "score `product`" in out
+    metrics = json.loads((tiny_run / "test-deploy-inferred-score-product" / "metrics.json").read_text())
+    assert metrics["score"] == "product"
     assert main(["test", str(tiny_run), "--no-progress", "--no-report"]) == 0
     default = json.loads((tiny_run / "test-deploy-inferred" / "metrics.json").read_text())
-    assert default["score"] == "product"
+    assert default["score"] == "logp"  # the fast preset's
     assert default["mean"]["pixel_auroc"] != metrics["mean"]["pixel_auroc"]
 
 
@@ -116,26 +117,28 @@ def test_whiten_makes_the_training_features_white() -> None:
         cov = torch.cov(x.T, correction=0) + 0.01 * torch.eye(x.shape[1], dtype=x.dtype)
         torch.testing.assert_close(w @ cov @ w.T, torch.eye(x.shape[1], dtype=x.dtype), rtol=1e-3, atol=1e-3)
     assert "feat_whiten0" in model.trainable_state()  # saved with the weights
-    assert "feat_whiten0" not in _tiny_model(2).trainable_state()  # off: the paper's raw features
+    raw = HGAD(dataclasses.replace(cfg, whiten=False), ["a", "b"])
+    assert "feat_whiten0" not in raw.trainable_state()  # off: the paper's raw features
 
 
-def test_run_folders_of_hgad_0_1_load_with_their_own_settings(tiny_run: Path, tmp_path: Path) -> None:
-    """config.json files written before input_norm / feature_pool / whiten existed are read with
-    the values hgad 0.1 used (ImageNet statistics, no pooling, raw features), not today's defaults."""
-    import shutil
-
+def test_run_folders_of_hgad_0_1_load_with_their_own_settings(tiny_data: Path, tmp_path: Path) -> None:
+    """config.json files written before input_norm / feature_pool / whiten / score_norm existed are read
+    with the values hgad 0.1 used (ImageNet statistics, no pooling, raw features, max normalisation),
+    not today's defaults."""
     from hgad.checkpoint import load_model
     from hgad.data import IMAGENET_NORM
 
-    old = tmp_path / "old"
-    shutil.copytree(tiny_run, old)
+    old = tmp_path / "old"  # a run as 0.1 trained it, then its config.json stripped of the newer keys
+    assert main(["train", "--data", f"mvtec:{tiny_data}", "--out", str(old), "--no-progress",
+                 *tiny_flags(meta_epochs=1, stage1_epochs=1, warmup_epochs=0, feature_pool=1, input_norm="imagenet",
+                             score_norm="max", score="product"), "--no-whiten"]) == 0
     data = json.loads((old / "config.json").read_text())
-    for key in ("input_norm", "feature_pool", "whiten"):
+    for key in ("input_norm", "feature_pool", "whiten", "score_norm"):
         data["config"].pop(key)
     (old / "config.json").write_text(json.dumps(data))
     model = load_model(old)
     assert model.cfg.input_norm == "imagenet" and model.input_norm == IMAGENET_NORM
-    assert model.cfg.feature_pool == 1 and model.cfg.whiten is False
+    assert model.cfg.feature_pool == 1 and model.cfg.whiten is False and model.cfg.score_norm == "max"
 
 
 def test_zscore_map_by_hand() -> None:

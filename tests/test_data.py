@@ -21,6 +21,7 @@ from builders import (
 )
 from hgad.data import (
     IMAGENET_MEAN,
+    IMAGENET_NORM,
     IMAGENET_STD,
     ImageDataset,
     ImageRecord,
@@ -76,7 +77,7 @@ def test_dataset_items_and_mask_values(tmp_path: Path) -> None:
     cat = discover([f"mvtec:{make_mvtec(tmp_path / 'mv')}"])
     bad = [r for r in cat.test if r.label == 1][0]
     good = [r for r in cat.test if r.label == 0][0]
-    ds = ImageDataset([bad, good], img_size=32, mask_size=32)
+    ds = ImageDataset([bad, good], img_size=32, mask_size=32, norm=IMAGENET_NORM)
     item = ds[0]
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
     np.testing.assert_array_equal(item["mask"].numpy(), expected_box())
@@ -85,7 +86,7 @@ def test_dataset_items_and_mask_values(tmp_path: Path) -> None:
     item = ds[1]
     assert item["mask"].shape == (1, 32, 32) and item["mask"].sum() == 0 and item["label"] == 0
     # nearest 32 -> 16 keeps source pixels 2i+1: rows 2..5, columns 4..9 of the box
-    small = ImageDataset([bad], img_size=16, mask_size=16)[0]["mask"].numpy()
+    small = ImageDataset([bad], img_size=16, mask_size=16, norm=IMAGENET_NORM)[0]["mask"].numpy()
     want = np.zeros((1, 16, 16), np.float32)
     want[0, 2:6, 4:10] = 1
     np.testing.assert_array_equal(small, want)
@@ -137,7 +138,7 @@ def test_folder_layout(tmp_path: Path) -> None:
         ("t0.jpg", 0, None), ("a0.png", 1, "a0.png"), ("a1.jpg", 1, "a1_mask.bmp")]
     nut = [r for r in cat.test if r.class_name == "nuts"]
     assert [(r.label, r.mask_path, r.defect_type) for r in nut] == [(1, None, "abnormal")]
-    item = ImageDataset(nut, 32, 8)[0]
+    item = ImageDataset(nut, 32, 8, IMAGENET_NORM)[0]
     assert item["has_mask"] is False and item["mask"].sum() == 0 and item["mask"].shape == (1, 8, 8)
 
 
@@ -235,12 +236,12 @@ def _ramp(width: int, height: int) -> np.ndarray:
 
 def test_preprocess_centre_crops_the_longer_side() -> None:
     arr = _ramp(40, 30)
-    out = preprocess(Image.fromarray(arr), 30)
+    out = preprocess(Image.fromarray(arr), 30, IMAGENET_NORM)
     assert out.shape == (3, 30, 30) and out.dtype == torch.float32
     want = (arr[:, 5:35].transpose(2, 0, 1) / 255.0 - MEAN) / STD
     np.testing.assert_allclose(out.numpy(), want, atol=1e-5)
     tall = _ramp(30, 40)
-    out = preprocess(Image.fromarray(tall), 30)
+    out = preprocess(Image.fromarray(tall), 30, IMAGENET_NORM)
     np.testing.assert_allclose(out.numpy(), (tall[5:35].transpose(2, 0, 1) / 255.0 - MEAN) / STD, atol=1e-5)
 
 
@@ -250,13 +251,13 @@ def test_preprocess_resizes_shorter_side() -> None:
     arr = np.zeros((30, 40, 3), np.uint8)
     arr[...] = (0, 200, 0)
     arr[:, :5] = arr[:, 35:] = (250, 0, 0)
-    out = unnormalise(preprocess(Image.fromarray(arr), 60))
+    out = unnormalise(preprocess(Image.fromarray(arr), 60, IMAGENET_NORM))
     assert out.shape == (3, 60, 60)
     assert np.abs(out[:, :, 4:56] - np.array([0, 200, 0])[:, None, None]).max() < 3
     assert out[0, :, 0].mean() > 30  # the boundary is still in reach of the first column
     # downscale: 80x60 -> 40x30 -> crop columns 5..34 of the 40-wide image
     big = np.repeat(np.repeat(_ramp(40, 30), 2, axis=0), 2, axis=1)
-    out = unnormalise(preprocess(Image.fromarray(big), 30))
+    out = unnormalise(preprocess(Image.fromarray(big), 30, IMAGENET_NORM))
     np.testing.assert_allclose(out[2], 100, atol=0.01)
     np.testing.assert_allclose(out[0, 15, 3:27], 6 * np.arange(8, 32), atol=4)
 
@@ -264,7 +265,7 @@ def test_preprocess_resizes_shorter_side() -> None:
 def test_normalisation_of_a_constant_image(tmp_path: Path) -> None:
     path = tmp_path / "c.png"
     Image.new("RGB", (50, 70), (255, 0, 128)).save(path)
-    out = load_image(path, 20)
+    out = load_image(path, 20, IMAGENET_NORM)
     want = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225]
     for c in range(3):
         np.testing.assert_allclose(out[c].numpy(), want[c], atol=1e-5)
@@ -306,7 +307,7 @@ def test_image_modes_load_as_rgb(tmp_path: Path, case: str) -> None:
         path = path.with_suffix(".jpg")
         Image.new("CMYK", (20, 12), (0, 255, 255, 0)).save(path, quality=95)
         expect = (255, 0, 0)
-    out = load_image(path, 8)
+    out = load_image(path, 8, IMAGENET_NORM)
     assert out.shape == (3, 8, 8) and out.dtype == torch.float32
     np.testing.assert_allclose(unnormalise(out).mean(axis=(1, 2)), expect, atol=1.5)
 
@@ -422,7 +423,7 @@ def test_mask_of_wrong_size(tmp_path: Path) -> None:
     assert str(err.value) == want
     record = ImageRecord(image, "bottle", 0, 1, mask, "crack")
     with pytest.raises(InputError) as err:
-        ImageDataset([record], 16)[0]
+        ImageDataset([record], 16, 256, IMAGENET_NORM)[0]
     assert str(err.value) == want
 
 
@@ -456,7 +457,7 @@ def test_unreadable_images_raise_input_error(tmp_path: Path, kind: str) -> None:
         path.write_text("not an image at all\n")
     elif kind == "truncated":
         _truncated_png(path)
-    for load in (lambda: load_image(path, 8), lambda: load_mask(path, 8)):
+    for load in (lambda: load_image(path, 8, IMAGENET_NORM), lambda: load_mask(path, 8)):
         with pytest.raises(InputError) as err:
             load()
         assert str(err.value).startswith(f"{path}: ")
@@ -475,7 +476,7 @@ def test_corrupt_files_in_datasets(tmp_path: Path) -> None:
     save_mask(mask)
     train_img = _truncated_png(root / "alpha" / "train" / "good" / "001.png")
     cat = discover([f"mvtec:{root}"])  # discover does not decode training images
-    ds = ImageDataset(cat.train, 16)
+    ds = ImageDataset(cat.train, 16, 256, IMAGENET_NORM)
     bad = [i for i, r in enumerate(cat.train) if r.path == train_img][0]
     with pytest.raises(InputError, match="cannot read image: .*truncated") as err:
         ds[bad]

@@ -717,7 +717,7 @@ Norm = tuple[tuple[float, float, float], tuple[float, float, float]]
 IMAGENET_NORM: Norm = (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def preprocess(img: Image.Image, img_size: int, norm: Norm = IMAGENET_NORM) -> torch.Tensor:
+def preprocess(img: Image.Image, img_size: int, norm: Norm) -> torch.Tensor:
     """PIL image (any mode) -> (3, S, S) float32 tensor, normalised with ``norm = (mean, std)``.
 
     The shorter side is resized to ``img_size`` with Lanczos, then the centre is cropped. ``norm`` is
@@ -731,7 +731,7 @@ def preprocess(img: Image.Image, img_size: int, norm: Norm = IMAGENET_NORM) -> t
     return torch.from_numpy(np.ascontiguousarray(((arr - mean) / std).transpose(2, 0, 1)))
 
 
-def load_image(path: Path, img_size: int, norm: Norm = IMAGENET_NORM) -> torch.Tensor:
+def load_image(path: Path, img_size: int, norm: Norm) -> torch.Tensor:
     """Read an image file and :func:`preprocess` it; unreadable files raise InputError."""
     return preprocess(_open(path), img_size, norm)
 
@@ -796,8 +796,7 @@ class ImageDataset(torch.utils.data.Dataset):
     file), ``label``, ``class_index`` and ``index`` (position in ``records``).
     """
 
-    def __init__(self, records: Sequence[ImageRecord], img_size: int, mask_size: int = 256,
-                 norm: Norm = IMAGENET_NORM) -> None:
+    def __init__(self, records: Sequence[ImageRecord], img_size: int, mask_size: int, norm: Norm) -> None:
         self.records = list(records)
         self.img_size = img_size
         self.mask_size = mask_size
