@@ -279,6 +279,25 @@ def targets(payload: dict[str, Any]) -> list[str]:
     return out
 
 
+def _settings(cfg: dict[str, Any]) -> str:
+    """The settings that distinguish exploration rows, read from the run's full saved config."""
+    taps = ",".join(str(t) for t in cfg["taps"])
+    mode = f"pyramid tap {taps}" if cfg["feature_mode"] == "pyramid" else f"layers {taps}"
+    extra = [f"{k}={cfg[k]}" for k, default in (("lambda2", 100.0), ("pos_dim", 128), ("batch_size", 8),
+                                                  ("n_intra", 10)) if cfg[k] != default]
+    return (f"{cfg['backbone'].replace('tf_efficientnet_', '')} {cfg['img_size']}px {mode}, "
+            f"pool {cfg.get('feature_pool', 1)}, {_input_transform(cfg)}, "
+            f"{cfg['meta_epochs']}x{cfg['sub_epochs']} passes, {cfg.get('score_norm', 'max')} / {cfg['score']}"
+            + (", " + ", ".join(extra) if extra else ""))
+
+
+def _input_transform(cfg: dict[str, Any]) -> str:
+    if cfg.get("whiten"):
+        return "whitened"
+    # rows made before whitening replaced it carry the earlier per-channel standardisation switch
+    return "per-channel standardised" if cfg.get("feature_norm") else "raw features"
+
+
 def table_of(folder: Path) -> str:
     """Markdown table of exploration rows (JSON files written with --out and --label)."""
     rows = []
@@ -286,11 +305,11 @@ def table_of(folder: Path) -> str:
         p = json.loads(path.read_text())
         for name, methods in p["datasets"].items():
             for method, r in methods.items():
-                rows.append(f"| {p.get('label', path.stem)} | {name} | {method} | {_pct(r['image_auroc'])} | "
-                            f"{_pct(r['pixel_auroc'])} | {_pct(r['aupro'])} | {r['train_s']:.0f} | "
-                            f"`{p.get('overrides', {})}` |")
+                settings = _settings(r["config"]) if "config" in r else "(yardstick)"
+                rows.append(f"| {p.get('label') or path.stem} | {name} | {method} | {_pct(r['image_auroc'])} | "
+                            f"{_pct(r['pixel_auroc'])} | {_pct(r['aupro'])} | {r['train_s']:.0f} | {settings} |")
                 for score, v in r.get("rescored", {}).items():
-                    rows.append(f"| {p.get('label', path.stem)} | {name} | … re-scored `{score}` | "
+                    rows.append(f"| {p.get('label') or path.stem} | {name} | … re-scored `{score}` | "
                                 f"{_pct(v['image_auroc'])} | {_pct(v['pixel_auroc'])} | {_pct(v['aupro'])} | | |")
     return "\n".join(["| row | dataset | detector | image AUROC | pixel AUROC | AUPRO | train s | settings |",
                       "|---|---|---|---:|---:|---:|---:|---|", *rows])
