@@ -88,3 +88,26 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_run: Path, tmp_path: Path
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # data comes from config.json
     assert (run / "model.safetensors").read_bytes() == before
     assert "resuming" in capsys.readouterr().out
+
+
+def test_small_usability_fixes(tiny_data, tmp_path, capsys) -> None:
+    """Issue 15 item 5: train prints only what it reads; predict --help names no missing flag; --threads."""
+    import torch
+
+    from conftest import tiny_flags
+
+    run = tmp_path / "r"
+    assert main(["train", "--data", f"mvtec:{tiny_data}", "--out", str(run), "--no-progress",
+                 *tiny_flags(meta_epochs=1, stage1_epochs=1, warmup_epochs=0)]) == 0
+    out = capsys.readouterr().out
+    assert "test good" not in out and "training reads the normal training images only" in out
+    assert "map-scale" not in build_parser()._subparsers._group_actions[0].choices["predict"].format_help()
+    before = torch.get_num_threads()
+    try:
+        assert main(["test", str(run), "--threads", "1", "--no-progress", "--no-report"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit) as err:
+        build_parser().parse_args(["predict", str(run), "x.png", "--threads", "0"])
+    assert err.value.code == 2

@@ -170,13 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "with -score-SCORE appended when --score is given)")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     e.add_argument("--device", choices=CHOICES["device"], default="auto", help="where to run")
+    e.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's, one per core)")
     e.add_argument("--no-report", action="store_true", help="skip report.html")
     add_weights_arg(e)
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     r = sub.add_parser("predict", help="score image files or folders (no dataset layout needed)",
                        description="Score images with the deploy protocol. Writes, per image, the anomaly map "
-                       "(16-bit PNG scaled by --map-scale, or .npy) and a colour overlay, plus scores.csv.")
+                       "(16-bit PNG whose full scale is the png16_full_scale column of scores.csv, or .npy) "
+                       "and a colour overlay, plus scores.csv.")
     r.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder written by hgad train")
     r.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders")
     r.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
@@ -186,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map-format", choices=("png16", "npy"), default="png16", help="anomaly map file format")
     r.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch")
     r.add_argument("--device", choices=CHOICES["device"], default="auto", help="where to run")
+    r.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's, one per core)")
     r.add_argument("--onnx", type=Path, metavar="FILE", help="run this model exported by 'hgad export' with "
                    "onnxruntime instead of the PyTorch weights (needs hgad[onnx]); RUN_DIR must be the run it "
                    "was exported from (checked); --class is not supported")
@@ -383,7 +386,8 @@ def _train(args: argparse.Namespace) -> int:
     distributed.check_batch_size(cfg.batch_size, ctx)  # before anything is written
     main = ctx is None or ctx.is_main
     say = print if main else _quiet
-    say(catalog.summary())
+    say(catalog.summary(with_test=False))
+    say("(training reads the normal training images only; hgad test reads the test images)")
     model = HGAD(cfg, catalog.classes).to(device)
     work = out.parent / f".{out.name}.hgad-new" if replacing else out  # fixed name: all ranks agree on it
     if main:  # we hold the lock: leftovers of a killed --overwrite are ours to remove
@@ -445,7 +449,16 @@ def _load_run_model(run_dir: Path, device: Any, weights: str | None) -> Any:
     return load_model(run_dir, device, **({"backbone_weights": weights} if weights else {}))
 
 
+def _apply_threads(args: argparse.Namespace) -> None:
+    """``--threads N``: torch's CPU thread count for this command."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
+    _apply_threads(args)
     from hgad import distributed
     from hgad.checkpoint import CONFIG_FILE, read_run_config
     from hgad.data import discover
@@ -504,6 +517,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    _apply_threads(args)
     from hgad.predict import predict_paths
 
     if args.threshold is not None and not math.isfinite(args.threshold):

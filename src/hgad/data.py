@@ -97,8 +97,14 @@ class Catalog:
     test: list[ImageRecord]
     has_masks: dict[str, bool]
 
-    def summary(self) -> str:
-        """A human-readable table: class, #train, #test good, #test anomalous, masks."""
+    def summary(self, *, with_test: bool = True) -> str:
+        """A human-readable table: class, #train, #test good, #test anomalous, masks (``with_test=False``:
+        class and #train only, for commands that read no test images)."""
+        if not with_test:
+            width = max(len(n) for n in [*self.classes, "class"])
+            lines = [f"{'class'.ljust(width)}  train"]
+            lines += [f"{n.ljust(width)}  {sum(r.class_name == n for r in self.train):5d}" for n in self.classes]
+            return "\n".join([*lines, f"total ({len(self.classes)} classes): {len(self.train)} training images"])
         header = ("class", "train", "test good", "test anomalous", "masks")
         rows = []
         totals = [0, 0, 0]
