@@ -248,17 +248,16 @@ class HGAD(nn.Module):
         or per-position z-scores; ``score`` overrides the configured pixel score)."""
         if self.cfg.score_norm != "zscore":
             return self.maps(lm, self.stored_stats(), clamp=True, score=score)
-        kind = self.score_kind(score)
+        maps = {"logp": ("logp",), "entropy": ("ent",), "product": ("logp", "ent")}[self.score_kind(score)]
         cls = lm.classes.to(self.device).long()
-        parts = []
-        for name, levels in (("logp", lm.logp), ("ent", lm.ent)):
-            if kind == ("entropy" if name == "logp" else "logp") or levels is None:
-                continue
-            n = len(levels)
-            means = [getattr(self, f"z_{name}_mean{lvl}")[cls] for lvl in range(n)]
-            stds = [getattr(self, f"z_{name}_std{lvl}")[cls] for lvl in range(n)]
-            parts.append(zscore_map(levels, means, stds, self.cfg.map_size, self.cfg.blur_sigma))
-        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        total: Tensor | None = None
+        for name in maps:  # with zscore, "product" is the sum of the two z maps
+            levels = getattr(lm, name)
+            means = [getattr(self, f"z_{name}_mean{lvl}")[cls] for lvl in range(len(levels))]
+            stds = [getattr(self, f"z_{name}_std{lvl}")[cls] for lvl in range(len(levels))]
+            part = zscore_map(levels, means, stds, self.cfg.map_size, self.cfg.blur_sigma)
+            total = part if total is None else total + part
+        return total
 
     def score_kind(self, score: str | None = None) -> str:
         """The pixel score used: ``score`` or the configured one, with ``product`` falling back to ``logp``

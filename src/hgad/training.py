@@ -126,7 +126,7 @@ class FeatureStore:
         c = self.cfg
         recs = [str(r.path) for r in self.dataset.records]
         return json.dumps([c.backbone, c.backbone_weights, c.feature_mode, list(c.taps), c.pyramid_levels,
-                           c.img_size, c.cache_dtype, c.feature_pool, recs])
+                           c.img_size, c.cache_dtype, c.feature_pool, c.input_norm, recs])
 
     def _save_disk(self, cache_dir: Path) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
