@@ -199,10 +199,9 @@ def explore(run: Path, data: Path) -> dict[str, Any]:
         maps = _to_map(levels, size, sigma)
         results[name] = _metrics(cat, maps, te["masks"], None)
         results[name + " / top1%"] = _metrics(cat, maps, te["masks"], 0.01)
-        r = results[name]
+        r, top = results[name], results[name + " / top1%"]
         print(f"{name:24s} image {100 * r['image_auroc']:.1f} pixel {100 * (r['pixel_auroc'] or 0):.1f} "
-              f"aupro {100 * (r['aupro'] or 0):.1f} | top1% image {100 * results[name + ' / top1%']['image_auroc']:.1f}",
-              flush=True)
+              f"aupro {100 * (r['aupro'] or 0):.1f} | top1% image {100 * top['image_auroc']:.1f}", flush=True)
     return {"run": str(run), "data": str(data), "seconds": round(time.perf_counter() - t0, 1),
             "class_accuracy": float((ec == torch.tensor([r.class_index for r in cat.test])).double().mean()),
             "variants": results}

@@ -133,7 +133,7 @@ def test_run_folders_of_hgad_0_1_load_with_their_own_settings(tiny_data: Path, t
                  *tiny_flags(meta_epochs=1, stage1_epochs=1, warmup_epochs=0, feature_pool=1, input_norm="imagenet",
                              score_norm="max", score="product"), "--no-whiten"]) == 0
     data = json.loads((old / "config.json").read_text())
-    for key in ("input_norm", "feature_pool", "whiten", "score_norm"):
+    for key in ("input_norm", "feature_pool", "whiten", "score_norm", "latent_gauss"):
         data["config"].pop(key)
     (old / "config.json").write_text(json.dumps(data))
     model = load_model(old)
@@ -185,3 +185,89 @@ def test_zscore_run_scores_alone_as_in_a_batch_and_exports(tiny_data: Path, tmp_
     assert 0 <= metrics["mean"]["pixel_auroc"] <= 1
     assert main(["test", str(run), "--protocol", "paper", "--class-source", "known", "--no-progress",
                  "--no-report"]) == 0  # the release's protocol works for any run
+
+
+def test_fit_class_gaussians_by_hand() -> None:
+    from hgad.scoring import fit_class_gaussians
+
+    # class 0: the vectors (1, 0), (3, 0), (2, 2), (2, -2): mean (2, 0), population covariance diag(0.5, 2);
+    # class 1 has no vectors
+    v = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 2.0], [2.0, -2.0]], dtype=torch.float64)
+    sums = torch.stack([v.sum(0), torch.zeros(2, dtype=torch.float64)])
+    outers = torch.stack([v.T @ v, torch.zeros(2, 2, dtype=torch.float64)])
+    mean, root = fit_class_gaussians(sums, outers, torch.tensor([4.0, 0.0]), ridge=0.5)
+    torch.testing.assert_close(mean, torch.tensor([[2.0, 0.0], [0.0, 0.0]]))
+    # (C + 0.5 I)^(-1/2) = diag(1, 2.5)^(-1/2)
+    torch.testing.assert_close(root[0], torch.diag(torch.tensor([1.0, 2.5 ** -0.5])))
+    torch.testing.assert_close(root[1], torch.eye(2))
+
+
+def test_mahalanobis_by_hand() -> None:
+    from hgad.scoring import mahalanobis
+
+    z = torch.tensor([[[3.0, 1.0], [1.0, 0.0]]])  # one image, two vectors
+    mean = torch.tensor([[1.0, 0.0]])
+    root = torch.tensor([[[0.5, 0.0], [0.0, 1.0]]])
+    # u = (2, 1) -> W u = (1, 1) -> sqrt(2); the mean itself is at distance 0
+    torch.testing.assert_close(mahalanobis(z, mean, root), torch.tensor([[2.0 ** 0.5, 0.0]]))
+
+
+def test_latent_gauss_fits_the_latents_of_each_class() -> None:
+    model = _tiny_model(2)
+    assert model.cfg.latent_gauss and "lat_root0" in model.trainable_state()
+    torch.manual_seed(0)
+    feats = [model.extract(torch.rand(4, 3, 64, 64)) for _ in range(2)]
+    labels = [torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 1, 0])]
+    model.set_latent_stats(zip(feats, labels))
+    for lvl in range(2):
+        z = torch.cat([model.encode(f[lvl], lvl)[0].view(4, -1, f[lvl].shape[1]) for f in feats]).double()
+        y = torch.cat(labels)
+        for c in range(2):
+            own = z[y == c].reshape(-1, z.shape[-1])
+            torch.testing.assert_close(getattr(model, f"lat_mean{lvl}")[c].double(), own.mean(0),
+                                       rtol=1e-4, atol=1e-4)
+            w = getattr(model, f"lat_root{lvl}")[c].double()
+            cov = torch.cov(own.T, correction=0) + 0.01 * torch.eye(own.shape[1], dtype=own.dtype)
+            torch.testing.assert_close(w @ cov @ w, torch.eye(own.shape[1], dtype=own.dtype), rtol=1e-3, atol=1e-3)
+    lm = model.latent_maps(feats[0], labels[0])
+    assert len(lm.maha) == 2 and all(bool((m <= 0).all()) for m in lm.maha)  # minus a distance
+    legacy = HGAD(dataclasses.replace(model.cfg, latent_gauss=False), ["a", "b"])
+    assert "lat_root0" not in legacy.trainable_state() and legacy.latent_maps(feats[0]).maha is None
+    with pytest.raises(ConfigError, match="latent-gauss"):
+        legacy.score_kind("mahalanobis")
+
+
+def test_mahalanobis_run_scores_alone_as_in_a_batch(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from hgad.inference import Detector
+
+    run = tmp_path / "m"
+    assert main(["train", "--data", f"mvtec:{tiny_data}", "--out", str(run), "--no-progress",
+                 *tiny_flags(score="mahalanobis")]) == 0
+    det = Detector.load(run, device="cpu")
+    assert det.model.cfg.score == "mahalanobis" and "z_maha_std0" in det.model.trainable_state()
+    assert float(det.model.z_maha_std0.min()) > 0 and bool(det.model.lat_root0.abs().sum() > 0)
+    files = sorted(tiny_data.glob("*/test/*/*.png"))[:3]
+    images = [Image.open(f).convert("RGB") for f in files]
+    batch = det.predict(images)
+    [alone] = det.predict(images[0])
+    assert alone.score == pytest.approx(batch[0].score, rel=1e-4, abs=1e-4)
+    assert main(["test", str(run), "--no-progress", "--no-report"]) == 0
+    metrics = json.loads((run / "test-deploy-inferred" / "metrics.json").read_text())
+    assert metrics["score"] == "mahalanobis" and 0 <= metrics["mean"]["pixel_auroc"] <= 1
+    pytest.importorskip("onnxruntime")
+    from hgad.export import OnnxDetector
+
+    onnx = tmp_path / "m.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(onnx)]) == 0  # checks itself against torch
+    [via_onnx] = OnnxDetector.load(onnx, "cpu", run_dir=run).predict(images[0])
+    assert via_onnx.score == pytest.approx(alone.score, rel=1e-3, abs=1e-3)
+    # the release's protocol has no mahalanobis map: it scores with the release's product
+    assert main(["test", str(run), "--protocol", "paper", "--no-progress", "--no-report"]) == 0
+    paper = json.loads((run / "test-paper-inferred" / "metrics.json").read_text())
+    assert paper["score"] == "product"
+    capsys.readouterr()
+    assert main(["test", str(run), "--protocol", "paper", "--score", "mahalanobis", "--no-progress",
+                 "--no-report"]) == 2
+    assert "mahalanobis" in capsys.readouterr().err

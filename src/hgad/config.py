@@ -37,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prior": ("hgmm", "gaussian"),
     "input_norm": ("backbone", "imagenet"),
     "score_norm": ("max", "zscore"),
-    "score": ("product", "logp", "entropy"),
+    "score": ("product", "logp", "entropy", "mahalanobis"),
     "cache": ("memory", "disk", "none"),
     "cache_dtype": ("float16", "bfloat16", "float32"),
     "device": ("auto", "cpu", "cuda"),
@@ -94,10 +94,14 @@ class HGADConfig:
     amp: bool = _opt(True, "bf16 autocast for the flows on CUDA (ignored on CPU)")
     num_workers: int = _opt(0, "DataLoader workers for image decoding")
     # scoring (docs/method.md, "Scoring")
-    score: str = _opt("logp", "pixel score: product of both maps (paper), logp only or entropy only")
+    score: str = _opt("logp", "pixel score: product of both maps (paper), logp only, entropy only, or "
+                      "mahalanobis (distance of the latent vector to its class's Gaussian; needs latent_gauss)")
     score_norm: str = _opt("zscore", "deploy normalisation of the maps: max (the release's: exp(m - max), summed, "
                            "s_max - S) or zscore (per class and position: (mean - m) / std over the training "
                            "images, summed over scales; with zscore, product means the sum of both z maps)")
+    latent_gauss: bool = _opt(True, "after training, fit one Gaussian (mean, full covariance) per class and scale "
+                              "to the training images' latent vectors, stored with the model (zscore only; "
+                              "needed by the mahalanobis score)")
     blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly maps (0 disables)")
     threshold_quantile: float = _opt(
         0.99, "decision threshold = this quantile of the training images' scores, per class")
@@ -139,7 +143,13 @@ class HGADConfig:
             raise ConfigError("--taps", f"need one or more non-negative indices, got {self.taps}")
         if self.feature_mode == "pyramid" and len(self.taps) != 1:
             raise ConfigError("--taps", "pyramid mode uses exactly one tap")
-        if self.prior == "gaussian" and self.score != "logp":
+        if self.score == "mahalanobis" and self.score_norm != "zscore":
+            raise ConfigError("--score", "mahalanobis needs --score-norm zscore")
+        if self.latent_gauss and self.score_norm != "zscore":
+            self.latent_gauss = False  # its maps are only ever used standardised per position
+        if self.score == "mahalanobis" and not self.latent_gauss:
+            raise ConfigError("--score", "mahalanobis needs --latent-gauss (the class Gaussians of the latents)")
+        if self.prior == "gaussian" and self.score not in ("logp", "mahalanobis"):
             # a single Gaussian has no class posterior, hence no entropy map
             self.score = "logp"
 
@@ -168,6 +178,7 @@ _PAPER: dict[str, Any] = {
     "feature_pool": 1,
     "input_norm": "backbone",  # tf_efficientnet_b6 was trained with ImageNet's statistics: the same values
     "whiten": False,
+    "latent_gauss": False,
     "taps": (3,),
     "pyramid_levels": 3,
     "img_size": 1024,
@@ -199,7 +210,7 @@ DEFAULT_PRESET = "fast"
 # Settings added after hgad 0.1 with the value that reproduces what 0.1 did: a run folder whose
 # config.json predates them is loaded with these, never with today's defaults.
 LEGACY_DEFAULTS: dict[str, Any] = {"feature_pool": 1, "input_norm": "imagenet", "whiten": False,
-                                   "score_norm": "max"}
+                                   "score_norm": "max", "latent_gauss": False}
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> HGADConfig:

@@ -204,8 +204,12 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
              score: str | None = None) -> EvalResult:
     """Score the test split of ``catalog`` and compute the metrics per class and their mean.
 
-    ``score`` re-scores with another pixel score (``product``, ``logp``, ``entropy``) without retraining.
+    ``score`` re-scores with another pixel score (``product``, ``logp``, ``entropy``, ``mahalanobis``) without
+    retraining. The paper protocol normalises like the release, which has no ``mahalanobis`` map: a model
+    configured with it is scored there with the release's ``product``.
     """
+    if protocol == "paper" and score is None and model.score_kind() == "mahalanobis":
+        score = "product"
     score = model.score_kind(score)
     if protocol not in PROTOCOLS:
         raise ConfigError("--protocol", f"must be one of {', '.join(PROTOCOLS)}")
@@ -237,13 +241,12 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
         idx = batch["index"]
         known = true_model_cls[idx] if class_source == "known" else None
         lm = model.latent_maps(model.extract(batch["image"]), known)
-        lm = LatentMaps(logp=[m.cpu() for m in lm.logp], ent=[m.cpu() for m in lm.ent] if lm.ent else None,
-                        posterior=None, classes=lm.classes.cpu())
+        lm = lm.to("cpu")
         part = {"idx": idx, "classes": lm.classes, "mask": batch["mask"][:, 0] > 0.5,
                 "groups": [_vector_groups(lm.logp[0][j], batch["mask"][j, 0], int(batch["label"][j]))
                            for j in range(len(idx))]}
         if protocol == "deploy":
-            part["maps"] = model.deploy_maps(_to(lm, model.device), score=score).cpu()
+            part["maps"] = model.deploy_maps(lm.to(model.device), score=score).cpu()
         else:
             part["lm"] = lm
         parts.append(part)
@@ -276,7 +279,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
             sl = slice(start, start + batch_size)
             lm = LatentMaps(logp=[m[sl] for m in logp], ent=[m[sl] for m in ent] if ent else None,
                             posterior=None, classes=predicted[sl])
-            maps[sl] = model.maps(_to(lm, model.device), stats, clamp=False,
+            maps[sl] = model.maps(lm.to(model.device), stats, clamp=False,
                                   stat_classes=true_model_cls[sl], score=score).cpu()
     scores = maps.flatten(1).amax(1)
     bad = (~torch.isfinite(maps.flatten(1))).any(1).nonzero().flatten()
@@ -339,9 +342,3 @@ def _spread_over_types(indices: list[int], records: list[ImageRecord], n: int) -
             if q and len(picked) < n:
                 picked.append(q.pop(0))
     return picked
-
-
-def _to(lm: LatentMaps, device: torch.device) -> LatentMaps:
-    return LatentMaps(logp=[m.to(device) for m in lm.logp], ent=[m.to(device) for m in lm.ent] if lm.ent else None,
-                      posterior=None, classes=lm.classes.to(device))
-

@@ -22,12 +22,23 @@ from hgad.errors import ConfigError
 from hgad.flow import ConditionalFlow, positional_encoding_2d
 from hgad.losses import LossConfig, hgad_loss
 from hgad.prior import HierarchicalPrior
-from hgad.scoring import anomaly_map, class_log_posterior, log_likelihood, neg_entropy, zscore_map
+from hgad.scoring import (
+    anomaly_map,
+    class_log_posterior,
+    fit_class_gaussians,
+    log_likelihood,
+    mahalanobis,
+    neg_entropy,
+    zscore_map,
+)
 from hgad.stats import MapStats
 
 __all__ = ["HGAD", "LatentMaps"]
 
 _WHITEN_EPS = 0.01  # ridge on the feature covariance before whitening (features have variances ~0.1-1)
+_LATENT_RIDGE = 0.01  # ridge on each class's latent covariance (latents have variances ~1)
+# pixel score -> the LatentMaps fields it sums (as z maps) under the zscore deploy normalisation
+_ZSCORE_MAPS = {"logp": ("logp",), "entropy": ("ent",), "product": ("logp", "ent"), "mahalanobis": ("maha",)}
 
 
 @dataclass
@@ -39,6 +50,16 @@ class LatentMaps:
     posterior: Tensor | None  # (B, Y) image-mean class posterior p(y|z)
     classes: Tensor  # (B,) class whose intra-class mixture scored each image
     class_maps: list[Tensor] | None = None  # per scale (B, h, w): most probable class of each vector
+    maha: list[Tensor] | None = None  # per scale (B, h, w): minus the latent's distance to its class Gaussian
+
+    def to(self, device: torch.device | str) -> LatentMaps:
+        """The same maps on ``device``."""
+        def move(maps: list[Tensor] | None) -> list[Tensor] | None:
+            return None if maps is None else [m.to(device) for m in maps]
+
+        return LatentMaps(logp=move(self.logp), ent=move(self.ent),
+                          posterior=None if self.posterior is None else self.posterior.to(device),
+                          classes=self.classes.to(device), class_maps=move(self.class_maps), maha=move(self.maha))
 
 
 class HGAD(nn.Module):
@@ -74,10 +95,15 @@ class HGAD(nn.Module):
         self.register_buffer("threshold", torch.full((n_classes,), float("inf")))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         if cfg.score_norm == "zscore":  # per class and position statistics of the training maps (calibrate)
+            kinds = ("logp", "ent", "maha") if cfg.latent_gauss else ("logp", "ent")
             for lvl, (h, w) in enumerate(self.backbone.scale_shapes(cfg.img_size)):
-                for kind in ("logp", "ent"):
+                for kind in kinds:
                     self.register_buffer(f"z_{kind}_mean{lvl}", torch.zeros(n_classes, h, w))
                     self.register_buffer(f"z_{kind}_std{lvl}", torch.ones(n_classes, h, w))
+        if cfg.latent_gauss:  # each class's Gaussian of the training latents, set by set_latent_stats()
+            for lvl, d in enumerate(dims):
+                self.register_buffer(f"lat_mean{lvl}", torch.zeros(n_classes, d))
+                self.register_buffer(f"lat_root{lvl}", torch.eye(d).repeat(n_classes, 1, 1))
         if cfg.whiten:  # mean and whitening matrix of the training features, set by set_feature_stats()
             for lvl, d in enumerate(dims):
                 self.register_buffer(f"feat_mean{lvl}", torch.zeros(d))
@@ -205,8 +231,8 @@ class HGAD(nn.Module):
                 d = z.shape[1]
                 lp = (-0.5 * d * math.log(2 * math.pi) - 0.5 * z.pow(2).sum(1) + logdet) / d
                 logp.append(lp.view(b, h, w))
-            cls = classes if classes is not None else torch.zeros(b, dtype=torch.long)
-            return LatentMaps(logp=logp, ent=None, posterior=None, classes=cls.to(self.device).long())
+            cls = (classes if classes is not None else torch.zeros(b, dtype=torch.long)).to(self.device).long()
+            return LatentMaps(logp=logp, ent=None, posterior=None, classes=cls, maha=self._maha(zs, shapes, cls))
         post = torch.zeros(b, self.n_classes, device=self.device)
         count = 0
         class_maps = []
@@ -222,7 +248,51 @@ class HGAD(nn.Module):
             vec_cls = cls.repeat_interleave(h * w)
             logp.append(log_likelihood(z, logdet, vec_cls, prior.intra_centres(), prior.log_w()).view(b, h, w))
             ent.append(neg_entropy(z, prior.mu).view(b, h, w))
-        return LatentMaps(logp=logp, ent=ent, posterior=post, classes=cls, class_maps=class_maps)
+        return LatentMaps(logp=logp, ent=ent, posterior=post, classes=cls, class_maps=class_maps,
+                          maha=self._maha(zs, shapes, cls))
+
+    def _maha(self, zs: list[tuple[Tensor, Tensor]], shapes: list, cls: Tensor) -> list[Tensor] | None:
+        """Per scale (B, h, w): minus the distance of each latent to its image's class Gaussian (a log-map:
+        higher is more normal, like ``logp``); ``None`` without ``latent_gauss``."""
+        if not self.cfg.latent_gauss:
+            return None
+        out = []
+        for lvl, ((z, _), (h, w)) in enumerate(zip(zs, shapes)):
+            mean, root = getattr(self, f"lat_mean{lvl}")[cls], getattr(self, f"lat_root{lvl}")[cls]
+            # batch size as -1: an ONNX trace keeps it dynamic
+            out.append(-mahalanobis(z.view(-1, int(h) * int(w), z.shape[1]), mean, root).view(-1, int(h), int(w)))
+        return out
+
+    @torch.no_grad()
+    def set_latent_stats(self, batches) -> None:
+        """Fit each class's Gaussian of the latents (``latent_gauss``; docs/method.md, "Scoring").
+
+        ``batches`` yields ``(per-scale features, labels)`` of the training images. The hierarchical prior
+        models a class with isotropic components; its covariance, fitted once after training, lets the
+        ``mahalanobis`` score see directions in which a class's latents barely vary.
+        """
+        if not self.cfg.latent_gauss:
+            return
+        y = self.n_classes
+        sums: list[Tensor] = []
+        outers: list[Tensor] = []
+        counts: list[Tensor] = []
+        for feats, labels in batches:
+            labels = labels.cpu().long()
+            for lvl, f in enumerate(feats):
+                d = f.shape[1]
+                z = self.encode(f, lvl)[0].cpu().double().view(len(labels), -1, d)
+                if lvl == len(sums):
+                    sums.append(torch.zeros(y, d, dtype=torch.float64))
+                    outers.append(torch.zeros(y, d, d, dtype=torch.float64))
+                    counts.append(torch.zeros(y, dtype=torch.float64))
+                sums[lvl].index_add_(0, labels, z.sum(1))
+                outers[lvl].index_add_(0, labels, z.transpose(1, 2) @ z)
+                counts[lvl].index_add_(0, labels, torch.full((len(labels),), float(z.shape[1]), dtype=torch.float64))
+        for lvl, (s1, s2, n) in enumerate(zip(sums, outers, counts)):
+            mean, root = fit_class_gaussians(s1, s2, n, _LATENT_RIDGE)
+            getattr(self, f"lat_mean{lvl}").copy_(mean)
+            getattr(self, f"lat_root{lvl}").copy_(root)
 
     def stored_stats(self) -> tuple[MapStats, MapStats]:
         """Deploy-protocol statistics (logp, entropy) stored in the model."""
@@ -248,7 +318,7 @@ class HGAD(nn.Module):
         or per-position z-scores; ``score`` overrides the configured pixel score)."""
         if self.cfg.score_norm != "zscore":
             return self.maps(lm, self.stored_stats(), clamp=True, score=score)
-        maps = {"logp": ("logp",), "entropy": ("ent",), "product": ("logp", "ent")}[self.score_kind(score)]
+        maps = _ZSCORE_MAPS[self.score_kind(score)]
         cls = lm.classes.to(self.device).long()
         total: Tensor | None = None
         for name in maps:  # with zscore, "product" is the sum of the two z maps
@@ -264,8 +334,12 @@ class HGAD(nn.Module):
         when the entropy map carries nothing (one class: the class posterior is certain everywhere, so its
         entropy is identically zero; a single-Gaussian prior has no posterior at all)."""
         kind = score or self.cfg.score
-        if kind not in ("product", "logp", "entropy"):
-            raise ConfigError("--score", f"must be one of product, logp, entropy; got {kind!r}")
+        if kind not in _ZSCORE_MAPS:
+            raise ConfigError("--score", f"must be one of {', '.join(_ZSCORE_MAPS)}; got {kind!r}")
+        if kind == "mahalanobis":
+            if not self.cfg.latent_gauss:
+                raise ConfigError("--score", "mahalanobis needs a model trained with --latent-gauss")
+            return kind
         if kind != "logp" and (self.priors is None or self.n_classes == 1):
             if kind == "entropy":
                 raise ConfigError("--score", "entropy needs a model of two or more classes with the hgmm prior")
@@ -281,6 +355,9 @@ class HGAD(nn.Module):
         """
         cfg = self.cfg
         kind = self.score_kind(score)
+        if kind == "mahalanobis":
+            raise ConfigError("--score", "mahalanobis is scored with per-position statistics (--score-norm zscore, "
+                              "deploy protocol) only")
         rows = lm.classes if stat_classes is None else stat_classes
         parts = []
         if kind in ("product", "logp"):

@@ -25,6 +25,8 @@ __all__ = [
     "log_likelihood",
     "neg_entropy",
     "class_log_posterior",
+    "fit_class_gaussians",
+    "mahalanobis",
     "gaussian_blur",
     "combine_scales",
     "anomaly_map",
@@ -55,6 +57,34 @@ def neg_entropy(z: Tensor, mu: Tensor) -> Tensor:
 def class_log_posterior(z: Tensor, mu: Tensor, log_pi: Tensor) -> Tensor:
     """``log p(y | z)`` ``(N, Y)`` under the main mixture with class weights ``exp(log_pi)``."""
     return F.log_softmax(-0.5 * sq_distances(z, mu) + log_pi.float()[None, :], dim=1)
+
+
+def fit_class_gaussians(sums: Tensor, outers: Tensor, counts: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """Mean ``(Y, D)`` and root precision ``(C_y + ridge I)^(-1/2)`` ``(Y, D, D)`` of each class's vectors.
+
+    From the sufficient statistics ``sums`` ``(Y, D)``, ``outers`` (sum of ``z z^T``, ``(Y, D, D)``) and
+    ``counts`` ``(Y,)``, so that the latents never need to be held in memory at once. A class without
+    vectors gets mean 0 and the identity (it is never gathered). The ridge keeps the inverse finite when
+    a class has fewer vectors than dimensions.
+    """
+    sums, outers = sums.double(), outers.double()
+    n = counts.double().clamp_min(1.0)
+    mean = sums / n[:, None]
+    cov = outers / n[:, None, None] - mean[:, :, None] * mean[:, None, :]
+    eye = torch.eye(sums.shape[1], dtype=torch.float64)
+    eigval, eigvec = torch.linalg.eigh(cov + ridge * eye)
+    root = eigvec @ torch.diag_embed(eigval.clamp_min(ridge).rsqrt()) @ eigvec.transpose(1, 2)
+    empty = counts <= 0
+    mean[empty] = 0.0
+    root[empty] = eye
+    return mean.float(), root.float()
+
+
+def mahalanobis(z: Tensor, mean: Tensor, root_prec: Tensor) -> Tensor:
+    """Distance ``|W (z - m)|`` ``(B, N)`` of each image's ``N`` vectors ``z`` ``(B, N, D)`` to the Gaussian of
+    its class, given per image as ``mean`` ``(B, D)`` and root precision ``W`` ``(B, D, D)``."""
+    u = z.float() - mean.float()[:, None, :]
+    return torch.bmm(u, root_prec.float().transpose(1, 2)).pow(2).sum(-1).sqrt()
 
 
 def _reflect_index(n: int, radius: int, device: torch.device) -> Tensor:

@@ -349,15 +349,26 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
     Returns the fraction of training vectors whose most probable class is their own.
     """
     n = len(store)
+    starts = range(0, n, batch_size)
+
+    def batches():
+        for start in starts:
+            idx = torch.arange(start, min(n, start + batch_size))
+            yield store.get(idx), labels[idx]
+
+    model.set_latent_stats(batches())  # before the maps: the mahalanobis maps need the class Gaussians
     logp: list[list[Tensor]] = []
     ent: list[list[Tensor]] = []
+    maha: list[list[Tensor]] = []
     hits, total = 0, 0
-    for start in tqdm(range(0, n, batch_size), desc="calibrate", disable=not progress, leave=False):
-        idx = torch.arange(start, min(n, start + batch_size))
-        lm = model.latent_maps(store.get(idx), labels[idx])
+    for feats, batch_labels in tqdm(batches(), total=len(starts), desc="calibrate", disable=not progress,
+                                    leave=False):
+        lm = model.latent_maps(feats, batch_labels)
         logp.append([m.cpu() for m in lm.logp])
         if lm.ent is not None:
             ent.append([m.cpu() for m in lm.ent])
+        if lm.maha is not None:
+            maha.append([m.cpu() for m in lm.maha])
         if lm.class_maps is not None:
             for cm in lm.class_maps:
                 hits += int((cm == lm.classes.view(-1, 1, 1)).sum())
@@ -365,6 +376,7 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
     y, size = model.n_classes, model.cfg.map_size
     logp_levels = [torch.cat(level) for level in zip(*logp)]
     ent_levels = [torch.cat(level) for level in zip(*ent)] if ent else None
+    maha_levels = [torch.cat(level) for level in zip(*maha)] if maha else None
     stats_logp = compute_map_stats(logp_levels, labels, y, size)
     stats_ent = compute_map_stats(ent_levels, labels, y, size) if ent_levels else None
     model.set_stats(stats_logp, stats_ent)
@@ -372,12 +384,16 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
         model.set_position_stats("logp", compute_position_stats(logp_levels, labels, y))
         if ent_levels:
             model.set_position_stats("ent", compute_position_stats(ent_levels, labels, y))
+        if maha_levels:
+            model.set_position_stats("maha", compute_position_stats(maha_levels, labels, y))
     scores = torch.empty(n)
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         lm_logp = [m[sl].to(model.device) for m in logp_levels]
         lm_ent = [m[sl].to(model.device) for m in ent_levels] if ent_levels else None
-        lm = LatentMaps(logp=lm_logp, ent=lm_ent, posterior=None, classes=labels[sl].to(model.device))
+        lm_maha = [m[sl].to(model.device) for m in maha_levels] if maha_levels else None
+        lm = LatentMaps(logp=lm_logp, ent=lm_ent, posterior=None, classes=labels[sl].to(model.device),
+                        maha=lm_maha)
         scores[sl] = model.deploy_maps(lm).flatten(1).amax(1).cpu()
     for c in range(y):
         own = scores[labels == c]
