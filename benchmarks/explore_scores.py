@@ -15,6 +15,7 @@ run's dataset in several other ways and prints image AUROC / pixel AUROC / AUPRO
 * ``half-pooled`` / ``class-wide`` — position statistics shrunk half-way to, or replaced by, the
   class's statistics over all positions;
 * ``logp + latent gauss`` — sum of the two standardised maps;
+* ``sigma`` — the latent Gaussian map blurred with another sigma (default: the run's, 4);
 * every map also with the image score as the mean of its top 1 % pixels instead of the maximum.
 
 All statistics come from the training images only; the class of a test image is the model's inferred
@@ -195,8 +196,14 @@ def explore(run: Path, data: Path) -> dict[str, Any]:
         "logp + latent gauss": [a + b for a, b in zip(logp_z, lat)],
     }
     results: dict[str, Any] = {}
+    variants_sigma = {name: sigma for name in variants}
+    for s_ in (2.0, 8.0):
+        variants[f"latent gauss sigma {s_:g}"] = lat
+        variants_sigma[f"latent gauss sigma {s_:g}"] = s_
+    variants["latent gauss fine+mid"] = lat[:2]
+    variants_sigma["latent gauss fine+mid"] = sigma
     for name, levels in variants.items():
-        maps = _to_map(levels, size, sigma)
+        maps = _to_map(levels, size, variants_sigma[name])
         results[name] = _metrics(cat, maps, te["masks"], None)
         results[name + " / top1%"] = _metrics(cat, maps, te["masks"], 0.01)
         r, top = results[name], results[name + " / top1%"]
