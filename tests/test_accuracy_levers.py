@@ -69,7 +69,7 @@ def test_one_class_product_score_falls_back_to_logp() -> None:
     """With one class the posterior is certain everywhere: the entropy map is identically 0, so the
     product would be a constant map; the log-likelihood map is used instead."""
     one, two = _tiny_model(1), _tiny_model(2)
-    assert one.score_kind() == "logp" and one.score_kind("product") == "logp"
+    assert one.score_kind("product") == "logp" and one.score_kind() == "mahalanobis"  # the default needs no posterior
     assert two.score_kind("product") == "product" and two.score_kind("entropy") == "entropy"
     with pytest.raises(ConfigError, match="entropy needs"):
         one.score_kind("entropy")
@@ -88,17 +88,17 @@ def test_test_rescore_writes_its_own_folder(tiny_run: Path, capsys) -> None:
     assert metrics["score"] == "product"
     assert main(["test", str(tiny_run), "--no-progress", "--no-report"]) == 0
     default = json.loads((tiny_run / "test-deploy-inferred" / "metrics.json").read_text())
-    assert default["score"] == "logp"  # the fast preset's
+    assert default["score"] == "mahalanobis"  # the fast preset's
     assert default["mean"]["pixel_auroc"] != metrics["mean"]["pixel_auroc"]
 
 
-def test_one_class_cli_run_scores_with_logp(tmp_path: Path, tiny_data: Path, capsys) -> None:
+def test_one_class_cli_run_scores_with_the_default(tmp_path: Path, tiny_data: Path, capsys) -> None:
     run = tmp_path / "one"
     assert main(["train", "--data", f"mvtec:{tiny_data}", "--classes", "bottle", "--out", str(run),
                  "--no-progress", *tiny_flags()]) == 0
     assert main(["test", str(run), "--classes", "bottle", "--no-progress", "--no-report"]) == 0
     metrics = json.loads((run / "test-deploy-inferred" / "metrics.json").read_text())
-    assert metrics["score"] == "logp"
+    assert metrics["score"] == "mahalanobis"  # one class's Gaussian of the latents: defined for one class
     assert 0.0 <= metrics["mean"]["image_auroc"] <= 1.0
 
 
@@ -231,7 +231,7 @@ def test_latent_gauss_fits_the_latents_of_each_class() -> None:
             torch.testing.assert_close(w @ cov @ w, torch.eye(own.shape[1], dtype=own.dtype), rtol=1e-3, atol=1e-3)
     lm = model.latent_maps(feats[0], labels[0])
     assert len(lm.maha) == 2 and all(bool((m <= 0).all()) for m in lm.maha)  # minus a distance
-    legacy = HGAD(dataclasses.replace(model.cfg, latent_gauss=False), ["a", "b"])
+    legacy = HGAD(dataclasses.replace(model.cfg, latent_gauss=False, score="logp"), ["a", "b"])
     assert "lat_root0" not in legacy.trainable_state() and legacy.latent_maps(feats[0]).maha is None
     with pytest.raises(ConfigError, match="latent-gauss"):
         legacy.score_kind("mahalanobis")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hgad.cli import add_dataset_args, add_settings_args, check_writable, resolve_config
-from hgad.config import HGADConfig, config_from_dict
+from hgad.config import CHOICES, HGADConfig, config_from_dict
 from hgad.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ __all__ = ["Rung", "RUNGS", "LADDER_FLAGS", "PROTOCOL", "CLASS_SOURCE", "SCORES"
 
 PROTOCOL = "deploy"
 CLASS_SOURCE = "known"
-SCORES = ("product", "logp", "entropy")
+SCORES = CHOICES["score"]
 # config fields the ladder sets itself, with their command-line spelling
 LADDER_FLAGS = {"prior": "--prior", "use_mi": "--mi/--no-mi", "use_entropy": "--entropy-loss/--no-entropy-loss"}
 EVAL_DIR = f"test-{PROTOCOL}-{CLASS_SOURCE}"
@@ -322,6 +322,8 @@ def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | Non
         if score == cfg.score:
             found[score] = own["mean"]
             continue
+        if score == "mahalanobis" and not cfg.latent_gauss:
+            continue  # the run has no class Gaussians of the latents
         eval_dir = run_dir / f"{EVAL_DIR}-score-{score}"
         if not (eval_dir / "metrics.json").is_file():
             log(f"{tag}: re-scoring with --score {score}")

@@ -94,7 +94,7 @@ class HGADConfig:
     amp: bool = _opt(True, "bf16 autocast for the flows on CUDA (ignored on CPU)")
     num_workers: int = _opt(0, "DataLoader workers for image decoding")
     # scoring (docs/method.md, "Scoring")
-    score: str = _opt("logp", "pixel score: product of both maps (paper), logp only, entropy only, or "
+    score: str = _opt("mahalanobis", "pixel score: product of both maps (paper), logp only, entropy only, or "
                       "mahalanobis (distance of the latent vector to its class's Gaussian; needs latent_gauss)")
     score_norm: str = _opt("zscore", "deploy normalisation of the maps: max (the release's: exp(m - max), summed, "
                            "s_max - S) or zscore (per class and position: (mean - m) / std over the training "
