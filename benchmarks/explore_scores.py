@@ -214,13 +214,37 @@ def explore(run: Path, data: Path) -> dict[str, Any]:
             "variants": results}
 
 
+def table(paths: list[Path]) -> str:
+    """Markdown table: one row per score, per result file image AUROC (map maximum, then mean of the top
+    1 % pixels), pixel AUROC and AUPRO, in %."""
+    results = {path.stem: json.loads(path.read_text())["variants"] for path in paths}
+    names = [n for n in next(iter(results.values())) if not n.endswith(" / top1%")]
+
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.1f}"
+
+    lines = ["| score | " + " | ".join(f"{n}: image (max / top 1 %) / pixel AUROC / AUPRO" for n in results) + " |",
+             "|---|" + "---|" * len(results)]
+    for name in names:
+        cells = [f"{pct(r[name]['image_auroc'])} / {pct(r[name + ' / top1%']['image_auroc'])} / "
+                 f"{pct(r[name]['pixel_auroc'])} / {pct(r[name]['aupro'])}" for r in results.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=Path, required=True, help="trained hgad run folder")
-    p.add_argument("--data", type=Path, required=True, help="its dataset (MVTec layout)")
+    p.add_argument("--table", type=Path, nargs="+", metavar="JSON", help="print the table of result files and exit")
+    p.add_argument("--run", type=Path, help="trained hgad run folder")
+    p.add_argument("--data", type=Path, help="its dataset (MVTec layout)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="results JSON")
     args = p.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    if args.run is None or args.data is None:
+        p.error("--run and --data are needed (or --table)")
     torch.set_num_threads(args.threads)
     result = explore(args.run, args.data)
     if args.out:

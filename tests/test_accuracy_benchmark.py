@@ -72,3 +72,16 @@ def test_accuracy_benchmark_smoke(tmp_path: Path) -> None:
         assert result["train_s"] >= 0 and result["peak_rss_mib"] > 0
         assert set(result["per_class"]) == {"brick", "coffee", "grass", "gravel"}
     assert "| demo | hgad |" in proc.stdout and "per-class Gaussian" in proc.stdout
+    # the same run re-scored in the exploration's other ways, and their table
+    scores = tmp_path / "scores.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "explore_scores.py"), "--run",
+                           str(tmp_path / "w" / "runs" / "default" / "demo" / "hgad" / "run"), "--data",
+                           str(tmp_path / "w" / "data" / "demo-smoke"), "--out", str(scores)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    variants = json.loads(scores.read_text())["variants"]
+    assert {"logp", "latent gauss", "input gauss", "latent gauss / top1%"} <= set(variants)
+    assert all(0.0 <= v["image_auroc"] <= 1.0 for v in variants.values())
+    proc = subprocess.run([sys.executable, str(BENCH / "explore_scores.py"), "--table", str(scores)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "| latent gauss |" in proc.stdout
