@@ -14,7 +14,6 @@ the same way keeps the comparison about the prior and the losses alone.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import io
@@ -27,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hgad.cli import add_dataset_args, add_settings_args, check_writable, resolve_config
 from hgad.config import HGADConfig, config_from_dict
 from hgad.errors import ConfigError, InputError
 
@@ -37,7 +35,7 @@ if TYPE_CHECKING:
     from hgad.model import HGAD
 
 __all__ = ["Rung", "RUNGS", "LADDER_FLAGS", "PROTOCOL", "CLASS_SOURCE", "SCORES", "rung_config",
-           "run_ablation", "ablation_markdown", "add_parser", "COMMANDS"]
+           "run_ablation", "ablation_markdown"]
 
 PROTOCOL = "deploy"
 CLASS_SOURCE = "known"
@@ -423,41 +421,3 @@ def _figure_png(rows: list[dict[str, Any]], vectors: dict[str, dict[str, np.ndar
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """The ``hgad ablate`` sub-parser."""
-    p = subparsers.add_parser(
-        "ablate", help="train and test the component ladder (NF baseline -> full HGAD) on one dataset",
-        description="Train and test, with the same data, seed and schedule: 1 the unified NF baseline (single "
-        "N(0, I) prior), 2 + inter-class Gaussian mixture, 3 + mutual-information loss, 4 + entropy loss, 5 + "
-        "intra-class centres (full HGAD). Each rung is a run folder OUT/<n-name>/; finished rungs are skipped "
-        "when the command is run again. Scoring: deploy protocol, ground-truth class for every rung. Writes "
-        "OUT/ablation.md, ablation.json and ablation.png (log-likelihood histograms, baseline vs HGAD). The "
-        "ladder sets --prior, --mi and --entropy-loss itself, and --intra-centers 1 below the full rung.")
-    add_dataset_args(p, required=True,
-                     help="dataset as KIND:PATH (mvtec, visa, btad, mvtec3d, folder); repeat to use several")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="ablation folder (one run folder per rung)")
-    p.add_argument("--report", action="store_true", help="also write report.html for every rung's test")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_settings_args(p, "settings shared by every rung: fast (default) or paper")
-
-
-def cmd_ablate(args: argparse.Namespace) -> int:
-    """Run the ladder and print its table."""
-    given = [flag for name, flag in LADDER_FLAGS.items() if hasattr(args, name)]
-    if given:
-        raise ConfigError(given[0], "is set by the ablation ladder for each rung; leave it out")
-    base = resolve_config(args)
-    check_writable(args.out)
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    t0 = time.perf_counter()
-    payload = run_ablation(args.data, args.out, base, classes=classes, progress=not args.no_progress,
-                           html=args.report)
-    print(ablation_markdown(payload))
-    print(f"ablation finished in {time.perf_counter() - t0:.0f} s; written: "
-          + ", ".join(str(args.out / n) for n in ("ablation.md", "ablation.json", "ablation.png")))
-    return 0
-
-
-COMMANDS = {"ablate": cmd_ablate}

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from hgad import __version__
 from hgad.config import LEGACY_DEFAULTS, config_from_dict
 from hgad.errors import InputError
 from hgad.io import atomic_save_tensors, atomic_write_json
 from hgad.model import HGAD
+from hgad.version import __version__
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESUME_FILE", "save_run_config", "save_model", "load_model",
            "read_run_config", "read_tensors", "save_resume_state", "load_resume_state", "tensor_digest"]

@@ -44,6 +44,7 @@ __all__ = [
     "ImageRecord",
     "Catalog",
     "parse_data_arg",
+    "data_record",
     "discover",
     "load_image",
     "load_mask",
@@ -155,6 +156,15 @@ def parse_data_arg(arg: str) -> tuple[str, Path]:
     if not path.strip():
         raise ConfigError("--data", f"missing dataset path in '{arg}' (expected {kind}:PATH)")
     return kind, Path(path).expanduser()
+
+
+def data_record(data: Sequence[str | tuple[str, Path]]) -> list[str]:
+    """``--data`` as stored in config.json: absolute paths, so the run works from any folder."""
+    out = []
+    for d in data:
+        kind, path = parse_data_arg(d) if isinstance(d, str) else (d[0], Path(d[1]))
+        out.append(f"{kind}:{Path(path).expanduser().resolve()}")
+    return out
 
 
 def _default_aliases(name: str) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DistContext", "env_world_size", "cuda_device", "init", "context", "check_batch_size",
            "rank_slice", "shard_batches", "stage_parameters", "wrap_loss", "all_reduce_mean", "count_true",
-           "merge_disjoint_", "all_gather_list"]
+           "merge_disjoint_", "all_gather_list", "silent"]
 
 _CHUNK_BYTES = 1 << 28  # cached features cross the wire in 256 MiB pieces (bounded GPU staging memory)
 
@@ -54,6 +54,10 @@ class DistContext:
             dist.barrier(device_ids=[self.device.index])
         else:
             dist.barrier()
+
+
+def silent(*_args: object) -> None:
+    """``print`` / ``log`` of torchrun ranks other than 0: they say nothing."""
 
 
 def _env_int(name: str, default: int | None = None) -> int:

@@ -10,7 +10,6 @@ PyTorch on a random batch before the file is written. ``onnx`` and ``onnxruntime
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import io
 import json
@@ -27,23 +26,18 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from hgad import __version__
 from hgad.data import IMAGENET_NORM, Norm, preprocess
 from hgad.errors import ConfigError, InputError
 from hgad.inference import Prediction
 from hgad.model import HGAD
+from hgad.onnx_spec import DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, META_KEY, MIN_OPSET, OUTPUT_NAMES
 from hgad.scoring import image_scores
+from hgad.version import __version__
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAMES", "DEFAULT_OPSET", "InferenceGraph", "ExportCheck", "export_onnx",
-           "OnnxDetector", "add_parser", "run_export", "COMMANDS"]
+           "OnnxDetector"]
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("anomaly_map", "score", "class_index", "class_confidence")
-DEFAULT_OPSET = 17
-_MIN_OPSET = 13  # per-image reductions and gathers as used here need opset 13 operator forms
-_MAX_OPSET = 20  # the last opset of torch's TorchScript-based exporter
 _CHECK_TOLERANCE = 1e-3  # relative to max(1, |output|): more disagreement with PyTorch is a bug, never written
-_META_KEY = "hgad_version"  # present in every graph this module writes
 _PREPROCESSING = ("RGB; shorter side resized to img_size (Lanczos) then centre-cropped; /255; "
                   "minus input_mean, divided by input_std (per channel); NCHW float32")
 
@@ -95,7 +89,7 @@ class ExportCheck:
 def _metadata(model: HGAD) -> dict[str, str]:
     thresholds = [float(t) if math.isfinite(float(t)) else None for t in model.threshold.tolist()]
     return {
-        _META_KEY: __version__,
+        META_KEY: __version__,
         "class_names": json.dumps(model.class_names),
         "thresholds": json.dumps(thresholds),  # null: no threshold (never anomalous)
         "img_size": str(model.cfg.img_size),
@@ -154,9 +148,9 @@ def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, see
     if not bool(model.calibrated):
         raise ConfigError("model", "has no deploy statistics (training did not finish calibration); "
                                    "nothing to export")
-    max_opset = min(_MAX_OPSET, int(onnx.defs.onnx_opset_version()))
-    if not _MIN_OPSET <= opset <= max_opset:
-        raise ConfigError("--opset", f"must be in {_MIN_OPSET}..{max_opset}, got {opset}")
+    max_opset = min(MAX_OPSET, int(onnx.defs.onnx_opset_version()))
+    if not MIN_OPSET <= opset <= max_opset:
+        raise ConfigError("--opset", f"must be in {MIN_OPSET}..{max_opset}, got {opset}")
     model = model.to("cpu").eval()
     graph = InferenceGraph(model)
     size = model.cfg.img_size
@@ -234,8 +228,8 @@ class OnnxDetector:
             raise InputError(path, f"not a readable ONNX model ({str(err).splitlines()[0][:120]})") from None
         meta = session.get_modelmeta().custom_metadata_map
         try:
-            if _META_KEY not in meta:
-                raise KeyError(_META_KEY)
+            if META_KEY not in meta:
+                raise KeyError(META_KEY)
             names = list(json.loads(meta["class_names"]))
             thresholds = [math.inf if t is None else float(t) for t in json.loads(meta["thresholds"])]
             img_size, map_size = int(meta["img_size"]), int(meta["map_size"])
@@ -290,49 +284,3 @@ class OnnxDetector:
                                   class_name=self._class_names[c], class_confidence=float(conf[i]),
                                   threshold=thr, is_anomalous=score > thr))
         return out
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export", help="export a run's inference path (ONNX) for onnxruntime",
-        description="Export the whole deploy-protocol inference path of a run (preprocessed image batch -> "
-        "anomaly map, image score, inferred class, class confidence) as one ONNX graph with a dynamic batch "
-        "and the training statistics built in. Class names, thresholds, img_size and map_size are stored in "
-        "the model's metadata. The export is checked with onnxruntime on a random batch before it is "
-        "written. "
-        "Needs: pip install 'hgad[onnx]'. Run it with: hgad predict RUN_DIR PATH --onnx FILE.")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="trained run folder")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx)")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write (atomically)")
-    from hgad.cli import add_weights_arg
-
-    add_weights_arg(p)
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset version, {_MIN_OPSET} to {_MAX_OPSET} (default: {DEFAULT_OPSET})")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    from hgad.checkpoint import load_model
-    from hgad.cli import check_writable
-
-    if args.out.is_dir():
-        raise InputError(args.out, "is a folder; --out names the file to write")
-    check_writable(args.out.parent)
-    model = load_model(args.run_dir, "cpu", **({"backbone_weights": args.backbone_weights}
-                                               if args.backbone_weights else {}))
-    try:
-        check = export_onnx(model, args.out, opset=args.opset)
-    except InputError as err:
-        if err.path != "model":
-            raise
-        from hgad.checkpoint import MODEL_FILE
-
-        raise InputError(Path(args.run_dir) / MODEL_FILE, err.problem) from None
-    print(f"onnxruntime check on a random batch of {check.n_images}: classes agree {check.classes_agree}/"
-          f"{check.n_images}, max relative diff {check.max_diff:.3g} (maps, scores, confidences)")
-    print(f"exported {args.run_dir} ({len(model.class_names)} classes, img_size {model.cfg.img_size}, "
-          f"{check.n_nodes} nodes, opset {args.opset}) to {args.out}")
-    return 0
-
-
-COMMANDS = {"export": run_export}

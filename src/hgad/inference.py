@@ -64,16 +64,15 @@ class Detector:
     def fit(cls, data: Sequence[str], out: str | Path, *, preset: str = "fast", classes: Sequence[str] | None = None,
             resume: bool = False, progress: bool = True, **overrides) -> Detector:
         """Train on the normal images of ``data`` (``["mvtec:/path", ...]``); same as ``hgad train``."""
-        from hgad.cli import _data_record
         from hgad.config import preset as make_config
-        from hgad.data import discover
+        from hgad.data import data_record, discover
         from hgad.training import fit
 
         cfg = make_config(preset, **overrides)
         catalog = discover(list(data), classes, need_test=False)
         model = HGAD(cfg, catalog.classes).to(resolve_device(cfg.device))
         fit(model, catalog.train, Path(out), resume=resume, progress=progress, log=lambda *_: None,
-            extra_config={"data": _data_record(list(data))})
+            extra_config={"data": data_record(list(data))})
         return cls(model.eval())
 
     def save(self, run_dir: str | Path) -> None:

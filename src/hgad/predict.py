@@ -17,11 +17,10 @@ from tqdm.auto import tqdm
 from hgad.data import list_image_files
 from hgad.errors import ConfigError, InputError
 from hgad.inference import Detector, Prediction
-from hgad.io import atomic_write_bytes, atomic_write_text
+from hgad.io import atomic_write_bytes, atomic_write_text, check_output_folder
 from hgad.report import overlay
 
-__all__ = ["predict_paths", "map_png16", "SCORES_FILE", "PredictSummary", "check_output_folder",
-           "OUTPUT_ENTRIES"]
+__all__ = ["predict_paths", "map_png16", "SCORES_FILE", "PredictSummary", "OUTPUT_ENTRIES"]
 
 SCORES_FILE = "scores.csv"
 
@@ -156,20 +155,6 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
                              f"unreadable); results in {out / SCORES_FILE}")
     summary.n_files, summary.n_bad, summary.n_anomalous = len(files), n_bad, n_anomalous
     return summary
-
-
-def check_output_folder(out: Path, known: frozenset[str], what: str) -> None:
-    """An existing output folder is replaced only when it is empty or holds nothing but ``known`` entries
-    (what hgad writes there, and hidden temporary files): never a folder of the user's."""
-    from hgad.io import is_hgad_temporary
-
-    out = Path(out)
-    if not out.is_dir():
-        return
-    for entry in sorted(out.iterdir()):
-        if entry.name not in known and not is_hgad_temporary(entry.name):
-            raise InputError(out, f"exists and is not a {what} folder (it holds {entry.name!r}); it would be "
-                                  "replaced as a whole: choose another --out or empty it")
 
 
 def _score_all(detector, files: list[tuple[Path, str]], out: Path, *, threshold: float | None,

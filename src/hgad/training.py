@@ -193,7 +193,7 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
     distributed.check_batch_size(cfg.batch_size, ctx)
     main = ctx is None or ctx.is_main
     if not main:
-        progress, log = False, _silent
+        progress, log = False, distributed.silent
     run_dir = Path(run_dir)
     if main:  # other ranks only read the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -300,10 +300,6 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
     if ctx is not None:
         ctx.barrier()  # the run folder is complete when fit returns, on every rank
     return result
-
-
-def _silent(*_args: object) -> None:
-    """``log`` of ranks other than 0."""
 
 
 def _grad_norm(params: list[Tensor]) -> Tensor:
