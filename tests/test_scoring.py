@@ -19,17 +19,8 @@ from hgad.scoring import (
     log_likelihood,
     neg_entropy,
 )
-
-# D = 2, two classes, two intra components (same example as tests/test_prior_losses.py)
-Z = [[1.0, 0.5], [-1.0, 0.0], [0.0, 1.0]]
-LOGDET = [0.3, -0.2, 0.1]
-CLASSES = [0, 1, 1]
-MU = [[1.0, 0.0], [0.0, 1.0]]
-PI = [0.25, 0.75]
-D_MAIN = [[0.25, 1.25], [4.0, 2.0], [2.0, 0.0]]  # |z_i - mu_y|^2 by hand
-CENTRES = [[[1.0, 0.0], [2.0, 1.0]], [[0.0, 1.0], [-1.0, -1.0]]]
-W = [[0.5, 0.5], [0.2, 0.8]]
-D_INTRA = [[0.25, 1.25], [2.0, 1.0], [0.0, 5.0]]  # |z_i - c_{y_i,k}|^2 by hand
+from worked_example import CENTRES, D_INTRA, D_MAIN, LOGDET, MU, PI, W, Z
+from worked_example import LABELS as CLASSES
 
 
 def test_log_likelihood_by_hand() -> None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from hgad.config import HGADConfig, config_from_dict
 from hgad.errors import ConfigError, InputError
+from hgad.report import percent
 
 if TYPE_CHECKING:
     from torch import nn
@@ -216,12 +217,8 @@ def _train_summary(run_dir: Path) -> tuple[float | None, float | None]:
     return (None if seconds is None else float(seconds)), (None if accuracy is None else float(accuracy))
 
 
-def _fmt(v: float | None) -> str:
-    return "–" if v is None or math.isnan(v) else f"{100 * v:.1f}"
-
-
 def _summary(mean: dict[str, Any]) -> str:
-    return ", ".join(f"{_HEAD[k]} {_fmt(_num(mean.get(k)))}" for k in _METRICS)
+    return ", ".join(f"{_HEAD[k]} {percent(_num(mean.get(k)))}" for k in _METRICS)
 
 
 def _num(v: Any) -> float:
@@ -290,7 +287,7 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
                "skipped": skipped}
         row["train_seconds"], row["train_class_accuracy"] = _train_summary(run_dir)
         rows.append(row)
-        log(f"{tag}: {_summary(row['mean'])}, vector AUROC {_fmt(row['vector_auroc'])}")
+        log(f"{tag}: {_summary(row['mean'])}, vector AUROC {percent(row['vector_auroc'])}")
         if rung is RUNGS[-1]:
             variants = _score_variants(run_dir, model, backbone, cfg, metrics, catalog, device, progress, log,
                                        tag)
@@ -372,20 +369,20 @@ def ablation_markdown(payload: dict[str, Any]) -> str:
         secs = "–" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
         prior = "N(0, I)" if r["prior"] == "gaussian" else "GMM"
         intra = "–" if r["n_intra"] is None else str(r["n_intra"])
-        metrics = " | ".join(_fmt(_num(r["mean"].get(k))) for k in _METRICS)
+        metrics = " | ".join(percent(_num(r["mean"].get(k))) for k in _METRICS)
         lines.append(f"| {i} | {r['name']} | {prior} | {_tick(r['use_mi'])} | {_tick(r['use_entropy'])} | {intra} "
-                     f"| {r['score']} | {metrics} | {_fmt(_num(r['vector_auroc']))} "
-                     f"| {_fmt(_num(r['train_class_accuracy']))} | {secs} |")
+                     f"| {r['score']} | {metrics} | {percent(_num(r['vector_auroc']))} "
+                     f"| {percent(_num(r['train_class_accuracy']))} | {secs} |")
     lines += ["", "Per-class image AUROC (%):", "",
               "| class | " + " | ".join(r["name"] for r in rows) + " |", "|---|" + "---:|" * len(rows)]
     for name in payload["classes"]:
-        cells = [_fmt(_num(r["per_class"].get(name, {}).get("image_auroc"))) for r in rows]
+        cells = [percent(_num(r["per_class"].get(name, {}).get("image_auroc"))) for r in rows]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if payload["score_variants"]:
         lines += ["", f"Full HGAD ({rows[-1]['name']}) re-scored with each pixel score (same weights):", "",
                   "| score | " + " | ".join(_HEAD[k] for k in _METRICS) + " |", "|---|" + "---:|" * len(_METRICS)]
         for score, mean in payload["score_variants"].items():
-            lines.append(f"| {score} | " + " | ".join(_fmt(_num(mean.get(k))) for k in _METRICS) + " |")
+            lines.append(f"| {score} | " + " | ".join(percent(_num(mean.get(k))) for k in _METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -411,8 +408,8 @@ def _figure_png(rows: list[dict[str, Any]], vectors: dict[str, dict[str, np.ndar
             if len(v):
                 ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, density=True, alpha=0.55, color=colour,
                         label=f"{group} ({len(v):,} vectors)")
-        ax.set_title(f"{row['title']}\nvector AUROC {_fmt(_num(row['vector_auroc']))} %, "
-                     f"image AUROC {_fmt(_num(row['mean'].get('image_auroc')))} %", fontsize=9)
+        ax.set_title(f"{row['title']}\nvector AUROC {percent(_num(row['vector_auroc']))} %, "
+                     f"image AUROC {percent(_num(row['mean'].get('image_auroc')))} %", fontsize=9)
         ax.set_xlabel("log-likelihood per dimension (finest scale)", fontsize=8)
         ax.set_ylabel("density", fontsize=8)
         ax.legend(fontsize=7)

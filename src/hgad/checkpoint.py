@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from hgad.config import LEGACY_DEFAULTS, config_from_dict
-from hgad.errors import InputError
+from hgad.errors import InputError, brief
 from hgad.io import atomic_save_tensors, atomic_write_json
 from hgad.model import HGAD
 from hgad.version import __version__
@@ -96,7 +96,7 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if _looks_pickled(path):
             raise InputError(path, "refused: a pickle (torch.save) file, not safetensors; it was not loaded, "
                              "since unpickling can run code") from None
-        raise InputError(path, f"not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+        raise InputError(path, f"not a readable safetensors file ({brief(err)})") from None
     _verify(path, tensors, meta)
     return tensors, meta
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from hgad.errors import ConfigError, InputError
+from hgad.errors import ConfigError, InputError, brief
 
 __all__ = ["HGADConfig", "PRESETS", "DEFAULT_PRESET", "LEGACY_DEFAULTS", "preset", "load_yaml", "config_from_dict",
            "CHOICES", "FLAG_NAMES", "MAX_SIZE", "RESUME_MAY_CHANGE"]
@@ -296,7 +296,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise InputError(p, f"not valid YAML: {str(err).splitlines()[0]}") from None
+        raise InputError(p, f"not valid YAML: {brief(err, 300)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

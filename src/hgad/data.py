@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hgad.errors import ConfigError, InputError
+from hgad.errors import ConfigError, InputError, brief
 
 __all__ = [
     "KINDS",
@@ -46,6 +46,7 @@ __all__ = [
     "parse_data_arg",
     "data_record",
     "discover",
+    "open_image",
     "load_image",
     "load_mask",
     "preprocess",
@@ -436,7 +437,7 @@ class _VisA:
                     vals = [(row.get(c) or "").strip() for c in self.columns]
                     rows.append((reader.line_num, *vals))
         except (OSError, UnicodeDecodeError, csv.Error) as err:
-            raise InputError(self.csv_path, f"cannot read csv: {_short(err)}") from None
+            raise InputError(self.csv_path, f"cannot read csv: {brief(err)}") from None
         for line, obj, split, label, image, _mask in rows:
             if not obj or not image:
                 raise InputError(self.csv_path, f"line {line}: empty object or image column")
@@ -586,12 +587,7 @@ def discover(data: Sequence[str | tuple[str, Path]], classes: Sequence[str] | No
 # Image and mask loading
 # ---------------------------------------------------------------------------------------------
 
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     """Open and fully decode ``path``; every failure becomes an InputError naming it."""
     path = Path(path)
     if not path.exists():
@@ -613,7 +609,7 @@ def _open(path: Path) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise InputError(path, "cannot read image: not a recognised image format") from None
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, EOFError, struct.error...
-        raise InputError(path, f"cannot read image: {_short(err)}") from None
+        raise InputError(path, f"cannot read image: {brief(err)}") from None
 
 
 def _check_regular(path: Path) -> None:
@@ -648,7 +644,7 @@ def _header_size(path: Path) -> tuple[int, int]:
     except Image.UnidentifiedImageError:
         raise InputError(path, "cannot read image: not a recognised image format") from None
     except Exception as err:
-        raise InputError(path, f"cannot read image: {_short(err)}") from None
+        raise InputError(path, f"cannot read image: {brief(err)}") from None
 
 
 def _size_mismatch(mask_path: Path, mask_size: tuple[int, int], image_path: Path,
@@ -749,7 +745,7 @@ def preprocess(img: Image.Image, img_size: int, norm: Norm) -> torch.Tensor:
 
 def load_image(path: Path, img_size: int, norm: Norm) -> torch.Tensor:
     """Read an image file and :func:`preprocess` it; unreadable files raise InputError."""
-    return preprocess(_open(path), img_size, norm)
+    return preprocess(open_image(path), img_size, norm)
 
 
 def _mask_to_binary(im: Image.Image) -> Image.Image:
@@ -774,7 +770,7 @@ def load_mask(path: Path, size: int) -> torch.Tensor:
     Non-binary masks are accepted and binarised with ``> 0``; the geometry (nearest resize of the
     shorter side, centre crop) matches :func:`preprocess` so mask and image stay aligned.
     """
-    return _mask_tensor(_open(path), size)
+    return _mask_tensor(open_image(path), size)
 
 
 def list_image_files(paths: Sequence[Path]) -> list[Path]:
@@ -823,9 +819,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
-        im = _open(rec.path)
+        im = open_image(rec.path)
         if rec.mask_path is not None:
-            mask_im = _open(rec.mask_path)
+            mask_im = open_image(rec.mask_path)
             if mask_im.size != im.size:
                 raise _size_mismatch(rec.mask_path, mask_im.size, rec.path, im.size)
             mask = _mask_tensor(mask_im, self.mask_size)

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from hgad.data import IMAGENET_NORM, Norm, preprocess
-from hgad.errors import ConfigError, InputError
+from hgad.errors import ConfigError, InputError, brief
 from hgad.inference import Prediction
 from hgad.model import HGAD
 from hgad.onnx_spec import DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, META_KEY, MIN_OPSET, OUTPUT_NAMES
@@ -158,7 +158,7 @@ def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, see
     try:
         data = _trace(graph, torch.randn(1, 3, size, size, generator=gen), opset)
     except torch.onnx.errors.UnsupportedOperatorError as err:
-        problem = str(err).splitlines()[0]
+        problem = brief(err, 300)
         raise ConfigError("--opset", f"{opset} cannot express the model: {problem}") from None
     proto = onnx.load_from_string(data)
     for key, value in _metadata(model).items():
@@ -225,7 +225,7 @@ class OnnxDetector:
         except ConfigError:
             raise
         except Exception as err:  # onnxruntime reports bad files with several exception types
-            raise InputError(path, f"not a readable ONNX model ({str(err).splitlines()[0][:120]})") from None
+            raise InputError(path, f"not a readable ONNX model ({brief(err)})") from None
         meta = session.get_modelmeta().custom_metadata_map
         try:
             if META_KEY not in meta:

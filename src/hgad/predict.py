@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hgad.data import list_image_files
+from hgad.data import list_image_files, open_image
 from hgad.errors import ConfigError, InputError
 from hgad.inference import Detector, Prediction
 from hgad.io import atomic_write_bytes, atomic_write_text, check_output_folder
@@ -79,12 +79,6 @@ def _inside(path: Path, folder: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _open(path: Path) -> Image.Image:
-    from hgad.data import _open as open_image  # regular files only, pixel limit, one-line errors
-
-    return open_image(path)
 
 
 def _write_outputs(out: Path, stem: str, image: Image.Image, pred: Prediction, map_format: str,
@@ -168,7 +162,7 @@ def _score_all(detector, files: list[tuple[Path, str]], out: Path, *, threshold:
         images: list[tuple[int, Path, str, Image.Image]] = []
         for i, (f, name) in chunk:
             try:
-                images.append((i, f, name, _open(f)))
+                images.append((i, f, name, open_image(f)))
             except InputError as err:
                 n_bad += 1
                 rows[i] = {"path": str(f), "class": "", "score": "", "threshold": "", "is_anomalous": "",

@@ -10,7 +10,6 @@ protocol).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from hgad.errors import ConfigError
 from hgad.losses import intra_log_mixture, sq_distances
+from hgad.prior import HALF_LOG_2PI
 
 __all__ = [
     "log_likelihood",
@@ -32,9 +32,6 @@ __all__ = [
     "image_scores",
 ]
 
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
 def log_likelihood(z: Tensor, logdet: Tensor, classes: Tensor, centres: Tensor, log_w: Tensor) -> Tensor:
     """Per-dimension log-likelihood ``(N,)`` under the intra-class mixture of ``classes``.
 
@@ -43,7 +40,7 @@ def log_likelihood(z: Tensor, logdet: Tensor, classes: Tensor, centres: Tensor, 
     """
     dim = z.shape[1]
     log_mix = intra_log_mixture(z, classes, centres, log_w)
-    return (-dim * _HALF_LOG_2PI + log_mix + logdet.float()) / dim
+    return (-dim * HALF_LOG_2PI + log_mix + logdet.float()) / dim
 
 
 def neg_entropy(z: Tensor, mu: Tensor) -> Tensor:
