@@ -80,6 +80,17 @@ def test_library_never_imports_the_cli():
     assert {n: m for n, m in offenders.items() if m} == {}
 
 
+def test_no_private_names_across_modules():
+    # `from hgad.x import _y` ties a module to another's internals; shared helpers are public
+    offenders = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hgad"):
+                offenders += [f"{name}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert offenders == []
+
+
 def test_graph_sees_function_local_imports():
     # the checks above are only as good as the parser: a lazy import inside a function must count
     assert "hgad.checkpoint" in GRAPH["hgad.cli.common"]

@@ -17,7 +17,7 @@ import yaml
 from hgad.errors import ConfigError, InputError, brief
 
 __all__ = ["HGADConfig", "PRESETS", "DEFAULT_PRESET", "LEGACY_DEFAULTS", "preset", "load_yaml", "config_from_dict",
-           "CHOICES", "FLAG_NAMES", "MAX_SIZE", "RESUME_MAY_CHANGE"]
+           "CHOICES", "FLAG_NAMES", "MAX_SIZE", "RESUME_MAY_CHANGE", "flag_of"]
 
 # friendlier flag names for the ablation switches (--no-mi, --no-entropy-loss, --intra-centers, ...)
 FLAG_NAMES = {"use_mi": "mi", "use_entropy": "entropy-loss", "n_intra": "intra-centers"}
@@ -110,15 +110,15 @@ class HGADConfig:
         """Raise ConfigError for values that cannot work (before any heavy work starts)."""
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ConfigError(_flag(name), f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                raise ConfigError(flag_of(name), f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         positive = ("pyramid_levels", "img_size", "map_size", "n_blocks", "pos_dim", "n_intra", "meta_epochs",
                     "sub_epochs", "batch_size")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ConfigError(_flag(name), f"must be a positive integer, got {getattr(self, name)}")
+                raise ConfigError(flag_of(name), f"must be a positive integer, got {getattr(self, name)}")
         for name in ("img_size", "map_size"):
             if getattr(self, name) > MAX_SIZE:
-                raise ConfigError(_flag(name), f"must be at most {MAX_SIZE}, got {getattr(self, name)}")
+                raise ConfigError(flag_of(name), f"must be at most {MAX_SIZE}, got {getattr(self, name)}")
         if self.pos_dim % 4:
             raise ConfigError("--pos-dim", f"must be a multiple of 4, got {self.pos_dim}")
         if self.stage1_epochs < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
@@ -128,7 +128,7 @@ class HGADConfig:
         for name in ("lambda1", "lambda2", "weight_decay", "clamp", "blur_sigma"):
             value = getattr(self, name)
             if not (value >= 0 and value < 1e6):
-                raise ConfigError(_flag(name), f"must be in [0, 1e6), got {value}")
+                raise ConfigError(flag_of(name), f"must be in [0, 1e6), got {value}")
         if self.lambda1 == 0 and self.prior == "hgmm":
             raise ConfigError("--lambda1", "must be > 0: without the likelihood term the flow is not trained")
         if not 0 < self.beta1 < 1 or not 0 < self.beta2 < 1:
@@ -156,7 +156,8 @@ class HGADConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def _flag(name: str) -> str:
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field (``n_intra`` -> ``--intra-centers``)."""
     return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
 
 

@@ -233,13 +233,13 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     hist: dict[str, dict[str, list[Tensor]]] = {c: {"normal": [], "anomalous": []} for c in catalog.classes}
     parts: list[dict] = []
     for batch in tqdm(loader, desc=f"test ({protocol}, {class_source})", unit="batch", disable=not progress):
-        idx = batch["index"]
+        idx = batch.index
         known = true_model_cls[idx] if class_source == "known" else None
-        lm = model.latent_maps(model.extract(batch["image"]), known)
+        lm = model.latent_maps(model.extract(batch.image), known)
         lm = LatentMaps(logp=[m.cpu() for m in lm.logp], ent=[m.cpu() for m in lm.ent] if lm.ent else None,
                         posterior=None, classes=lm.classes.cpu())
-        part = {"idx": idx, "classes": lm.classes, "mask": batch["mask"][:, 0] > 0.5,
-                "groups": [_vector_groups(lm.logp[0][j], batch["mask"][j, 0], int(batch["label"][j]))
+        part = {"idx": idx, "classes": lm.classes, "mask": batch.mask[:, 0] > 0.5,
+                "groups": [_vector_groups(lm.logp[0][j], batch.mask[j, 0], int(batch.label[j]))
                            for j in range(len(idx))]}
         if protocol == "deploy":
             part["maps"] = model.deploy_maps(_to(lm, model.device), score=score).cpu()

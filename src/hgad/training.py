@@ -105,17 +105,17 @@ class FeatureStore:
         bar = tqdm(total=sum(map(len, batches)), desc="features", unit="img", disable=not progress,
                    leave=False)
         for batch in loader:
-            feats = model.extract(batch["image"])
+            feats = model.extract(batch.image)
             if not self.levels:
                 self.levels = [alloc((len(self.dataset), *f.shape[1:]), dtype=dtype) for f in feats]
-            i = batch["index"]
+            i = batch.index
             for store, f in zip(self.levels, feats):
                 store[i] = f.to("cpu", dtype)
             bar.update(len(i))
         bar.close()
         if ctx is not None:
             if not self.levels:  # fewer batches than ranks: one image gives the shapes
-                shapes = [f.shape[1:] for f in model.extract(self.dataset[0]["image"][None])]
+                shapes = [f.shape[1:] for f in model.extract(self.dataset[0].image[None])]
                 self.levels = [alloc((len(self.dataset), *s), dtype=dtype) for s in shapes]
             for store in self.levels:
                 distributed.merge_disjoint_(store, ctx)
@@ -163,7 +163,7 @@ class FeatureStore:
 
     def get(self, idx: Tensor) -> list[Tensor]:
         if self.mode == "none":
-            images = torch.stack([self.dataset[int(i)]["image"] for i in idx])
+            images = torch.stack([self.dataset[int(i)].image for i in idx])
             return self.model.extract(images)
         return [t[idx].to(self.model.device, non_blocking=True) for t in self.levels]
 

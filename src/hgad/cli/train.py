@@ -204,7 +204,7 @@ def _absolute_weights(cfg: HGADConfig) -> HGADConfig:
 def _check_resume_settings(cfg: HGADConfig, saved: dict[str, Any], out: Path, data: Sequence[str] | None) -> None:
     """--resume continues the same model: refuse any changed setting except speed/length ones."""
     from hgad.checkpoint import CONFIG_FILE
-    from hgad.config import _flag
+    from hgad.config import flag_of
     from hgad.data import data_record
 
     old = config_from_dict({**LEGACY_DEFAULTS, **saved["config"]}, source=str(out / CONFIG_FILE)).to_dict()
@@ -215,7 +215,7 @@ def _check_resume_settings(cfg: HGADConfig, saved: dict[str, Any], out: Path, da
         if name == "backbone_weights" and old.get(name) and value and \
                 Path(old[name]).expanduser().resolve() == Path(value).expanduser().resolve():
             continue
-        raise ConfigError(_flag(name), f"{value!r} differs from the run's {old.get(name)!r} ({out / CONFIG_FILE}); "
+        raise ConfigError(flag_of(name), f"{value!r} differs from the run's {old.get(name)!r} ({out / CONFIG_FILE}); "
                                        "--resume cannot change it (use --overwrite or another --out to retrain)")
     if data and saved.get("data") and data_record(data) != data_record(saved["data"]):
         raise ConfigError("--data", f"differs from the run's {', '.join(saved['data'])} ({out / CONFIG_FILE}); "

@@ -7,7 +7,7 @@ per public layout), :mod:`hgad.data.images` (decode and preprocess files, no sca
 """
 
 from hgad.data.catalog import Catalog, ImageRecord, data_record, discover, parse_data_arg
-from hgad.data.dataset import ImageDataset
+from hgad.data.dataset import ImageDataset, ImageItem
 from hgad.data.images import (
     IMAGE_EXTS,
     IMAGENET_MEAN,
@@ -40,4 +40,5 @@ __all__ = [
     "preprocess",
     "list_image_files",
     "ImageDataset",
+    "ImageItem",
 ]

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from hgad.data.catalog import ImageRecord
 from hgad.data.images import Norm, mask_tensor, open_image, preprocess, size_mismatch
 
-__all__ = ["ImageDataset"]
+__all__ = ["ImageItem", "ImageDataset"]
+
+
+class ImageItem(NamedTuple):
+    """One image of an :class:`ImageDataset`; the default collate batches items into an ``ImageItem`` of
+    tensors with a leading batch dimension (a NamedTuple, so no custom collate is needed)."""
+
+    image: Tensor  # (3, S, S) preprocessed
+    mask: Tensor  # (1, M, M) in {0, 1}; zeros without a mask file
+    has_mask: bool  # whether mask is ground truth: normal images and anomalous images with a mask file
+    label: int  # 0 normal, 1 anomalous
+    class_index: int
+    index: int  # position in the dataset's records
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Records -> dicts of tensors that the default collate batches.
-
-    Each item: ``image`` (3, S, S), ``mask`` (1, M, M) in {0, 1} (zeros without a mask file),
-    ``has_mask`` (whether ``mask`` is ground truth: normal images and anomalous images with a mask
-    file), ``label``, ``class_index`` and ``index`` (position in ``records``).
-    """
+    """Records -> :class:`ImageItem` (image, mask and labels)."""
 
     def __init__(self, records: Sequence[ImageRecord], img_size: int, mask_size: int, norm: Norm) -> None:
         self.records = list(records)
@@ -29,7 +38,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> ImageItem:
         rec = self.records[i]
         im = open_image(rec.path)
         if rec.mask_path is not None:
@@ -39,11 +48,6 @@ class ImageDataset(torch.utils.data.Dataset):
             mask = mask_tensor(mask_im, self.mask_size)
         else:
             mask = torch.zeros(1, self.mask_size, self.mask_size, dtype=torch.float32)
-        return {
-            "image": preprocess(im, self.img_size, self.norm),
-            "mask": mask,
-            "has_mask": rec.mask_path is not None or rec.label == 0,
-            "label": rec.label,
-            "class_index": rec.class_index,
-            "index": i,
-        }
+        return ImageItem(image=preprocess(im, self.img_size, self.norm), mask=mask,
+                         has_mask=rec.mask_path is not None or rec.label == 0, label=rec.label,
+                         class_index=rec.class_index, index=i)

@@ -21,8 +21,8 @@ from PIL import Image
 from hgad.errors import InputError, brief
 
 __all__ = ["IMAGE_EXTS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENET_NORM", "MAX_PIXELS", "Norm", "open_image",
-           "check_regular", "check_pair_sizes", "size_mismatch", "preprocess", "load_image", "mask_tensor",
-           "load_mask", "is_image_file", "list_image_files"]
+           "check_regular", "check_pair_sizes", "size_mismatch", "resize_crop", "preprocess", "load_image",
+           "mask_tensor", "load_mask", "is_image_file", "list_image_files"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -157,7 +157,7 @@ def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
 _FULL_RESIZE_MAX = 16  # aspect ratios up to 16:1 are resized whole (the historical, bit-exact path)
 
 
-def _resize_crop(im: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+def resize_crop(im: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
     """Shorter side to ``size`` then centre crop to ``size`` x ``size``.
 
     Beyond an aspect ratio of 16:1 only the kept square is computed (``resize`` with a source box, the
@@ -185,7 +185,7 @@ def preprocess(img: Image.Image, img_size: int, norm: Norm) -> torch.Tensor:
     the backbone's own input normalisation (``FeatureExtractor.norm``, from timm's ``pretrained_cfg``):
     EfficientNet-Lite was trained with 0.5/0.5, not ImageNet's statistics.
     """
-    rgb = _resize_crop(_to_rgb(img), img_size, Image.Resampling.LANCZOS)
+    rgb = resize_crop(_to_rgb(img), img_size, Image.Resampling.LANCZOS)
     arr = np.asarray(rgb, dtype=np.float32) / 255.0
     mean = np.asarray(norm[0], dtype=np.float32)
     std = np.asarray(norm[1], dtype=np.float32)
@@ -209,7 +209,7 @@ def _mask_to_binary(im: Image.Image) -> Image.Image:
 
 
 def mask_tensor(im: Image.Image, size: int) -> torch.Tensor:
-    binary = _resize_crop(_mask_to_binary(im), size, Image.Resampling.NEAREST)
+    binary = resize_crop(_mask_to_binary(im), size, Image.Resampling.NEAREST)
     return torch.from_numpy((np.asarray(binary) > 0).astype(np.float32))[None]
 
 
