@@ -165,7 +165,7 @@ def run_hgad(data: Path, run_dir: Path, preset: str | None, overrides: dict[str,
     import hgad
     from hgad.config import DEFAULT_PRESET
     from hgad.data import discover
-    from hgad.inference import evaluate
+    from hgad.evaluation import evaluate
 
     preset = preset or DEFAULT_PRESET
     t0 = time.perf_counter()

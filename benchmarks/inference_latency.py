@@ -33,9 +33,9 @@ from common import (
     spread,
     timed,
 )
+from hgad.api import Detector
 from hgad.config import preset
 from hgad.data import discover
-from hgad.inference import Detector
 from hgad.model import HGAD
 from hgad.training import FeatureStore, calibrate
 

@@ -94,7 +94,7 @@ def test_no_private_names_across_modules():
 def test_graph_sees_function_local_imports():
     # the checks above are only as good as the parser: a lazy import inside a function must count
     assert "hgad.checkpoint" in GRAPH["hgad.cli.common"]
-    assert "hgad.inference" in GRAPH["hgad.cli.test"]
+    assert "hgad.evaluation" in GRAPH["hgad.cli.test"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["export", "--help"], ["test"],

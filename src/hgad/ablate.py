@@ -234,11 +234,12 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
     """
     from hgad.checkpoint import MODEL_FILE, RESUME_FILE, load_model
     from hgad.data import discover
-    from hgad.inference import evaluate
+    from hgad.device import resolve_device
+    from hgad.evaluation import evaluate
     from hgad.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from hgad.model import HGAD
     from hgad.report import write_reports
-    from hgad.training import fit, resolve_device
+    from hgad.training import fit
 
     out = Path(out)
     data = [str(d) for d in data]
@@ -309,7 +310,7 @@ def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | Non
     was skipped: then it is loaded once).
     """
     from hgad.checkpoint import load_model
-    from hgad.inference import evaluate
+    from hgad.evaluation import evaluate
     from hgad.report import write_reports
 
     found: dict[str, dict[str, Any]] = {}

@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from hgad.api import Prediction
 from hgad.data import IMAGENET_NORM, Norm, preprocess
 from hgad.errors import ConfigError, InputError, brief
-from hgad.inference import Prediction
 from hgad.model import HGAD
 from hgad.onnx_spec import DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, META_KEY, MIN_OPSET, OUTPUT_NAMES
 from hgad.scoring import image_scores
@@ -54,7 +54,7 @@ def _require(module: str, option: str) -> ModuleType:
 class InferenceGraph(nn.Module):
     """``images (B,3,S,S)`` -> ``maps (B,M,M)``, ``scores (B,)``, ``classes (B,)``, ``confidences (B,)``.
 
-    Exactly what :meth:`hgad.inference.Detector.predict` computes with the class inferred: latent maps
+    Exactly what :meth:`hgad.api.Detector.predict` computes with the class inferred: latent maps
     under the class of highest image-mean posterior, normalised by the stored deploy statistics.
     The confidence is that class's posterior (NaN for a single-Gaussian prior); classes are int64.
     """
@@ -171,7 +171,7 @@ def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, see
     batch = torch.randn(2, 3, size, size, generator=gen)
     with torch.no_grad():
         ref = graph(batch)
-    from hgad.inference import check_finite_maps, check_threshold
+    from hgad.scoring import check_finite_maps, check_threshold
 
     check_finite_maps(ref[0], "model", "a random batch; nothing exported")
     for name, thr in zip(model.class_names, model.threshold.tolist()):
@@ -200,7 +200,7 @@ def _providers(ort: ModuleType, device: str) -> list[str]:
 
 
 class OnnxDetector:
-    """An exported graph run with onnxruntime; same ``predict`` as :class:`hgad.inference.Detector`."""
+    """An exported graph run with onnxruntime; same ``predict`` as :class:`hgad.api.Detector`."""
 
     def __init__(self, session: Any, class_names: list[str], thresholds: list[float], img_size: int,
                  map_size: int, source: str = "model", norm: Norm = IMAGENET_NORM) -> None:
@@ -267,7 +267,7 @@ class OnnxDetector:
                                          "(it always infers the class); score with the run instead")
         if isinstance(images, Image.Image) or (isinstance(images, Tensor) and images.dim() != 4):
             images = [images]
-        from hgad.inference import check_finite_maps, check_threshold
+        from hgad.scoring import check_finite_maps, check_threshold
 
         if threshold is not None and not math.isfinite(threshold):
             raise ConfigError("--threshold", f"must be a finite number, got {threshold}")

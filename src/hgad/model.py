@@ -1,6 +1,6 @@
 """The HGAD torch model: frozen backbone, one conditional flow and one prior per scale.
 
-Kept apart from training (``hgad.training``) and from dataset-level evaluation (``hgad.inference``):
+Kept apart from training (``hgad.training``) and from dataset-level evaluation (``hgad.evaluation``):
 this module turns images or cached features into latent vectors, losses and per-scale maps, and holds
 the deploy-protocol statistics that make single-image scoring possible.
 """
@@ -21,9 +21,9 @@ from hgad.data import IMAGENET_NORM
 from hgad.errors import ConfigError
 from hgad.flow import ConditionalFlow, positional_encoding_2d
 from hgad.losses import LossConfig, hgad_loss
+from hgad.map_stats import MapStats
 from hgad.prior import HierarchicalPrior
 from hgad.scoring import anomaly_map, class_log_posterior, log_likelihood, neg_entropy, zscore_map
-from hgad.stats import MapStats
 
 __all__ = ["HGAD", "LatentMaps"]
 
@@ -237,7 +237,7 @@ class HGAD(nn.Module):
         self.calibrated.fill_(True)
 
     def set_position_stats(self, kind: str, stats: list[tuple[Tensor, Tensor]]) -> None:
-        """Store per-position statistics (see :func:`hgad.stats.compute_position_stats`) of ``logp`` or ``ent``."""
+        """Store per-position statistics (see :func:`hgad.map_stats.compute_position_stats`) of ``logp`` or ``ent``."""
         for lvl, (mean, std) in enumerate(stats):
             getattr(self, f"z_{kind}_mean{lvl}").copy_(mean)
             getattr(self, f"z_{kind}_std{lvl}").copy_(std)

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from hgad.api import Detector, Prediction
 from hgad.data import list_image_files, open_image
 from hgad.errors import ConfigError, InputError
-from hgad.inference import Detector, Prediction
 from hgad.io import atomic_write_bytes, atomic_write_text, check_output_folder
 from hgad.report import overlay
 

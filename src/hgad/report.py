@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hgad.inference import EvalResult
+from hgad.evaluation import EvalResult
 from hgad.io import atomic_write_json, atomic_write_text
 from hgad.metrics import METRIC_ORDER
 

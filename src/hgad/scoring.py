@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hgad.errors import ConfigError
+from hgad.errors import ConfigError, InputError
 from hgad.losses import intra_log_mixture, sq_distances
 from hgad.prior import HALF_LOG_2PI
 
@@ -30,6 +30,8 @@ __all__ = [
     "anomaly_map",
     "zscore_map",
     "image_scores",
+    "check_finite_maps",
+    "check_threshold",
 ]
 
 def log_likelihood(z: Tensor, logdet: Tensor, classes: Tensor, centres: Tensor, log_w: Tensor) -> Tensor:
@@ -174,3 +176,19 @@ def zscore_map(
 def image_scores(maps: Tensor) -> Tensor:
     """Image-level score ``(B,)``: the maximum of each map."""
     return maps.flatten(1).amax(dim=1)
+
+
+def check_finite_maps(maps: Tensor | np.ndarray, source: str, what: str = "the scored images") -> None:
+    """Non-finite anomaly maps are a damaged model or statistics, never "normal": stop with one line."""
+    values = torch.as_tensor(maps)
+    if not bool(torch.isfinite(values).all()):
+        raise InputError(source, f"the model gives non-finite (NaN/inf) anomaly scores for {what}; its weights "
+                                 "or stored statistics are damaged (retrain, or restore the run)")
+
+
+def check_threshold(value: float, class_name: str, source: str) -> None:
+    """A stored threshold that is not finite would call every image normal (inf) or none (nan)."""
+    if not np.isfinite(value):
+        raise InputError(source, f"stored decision threshold of class {class_name!r} is {value}, not a finite "
+                                 "number (calibration did not finish or the run is damaged); give --threshold "
+                                 "or retrain")

@@ -28,24 +28,15 @@ from hgad.config import HGADConfig
 from hgad.data import ImageDataset, ImageRecord
 from hgad.errors import ConfigError, TrainingError
 from hgad.io import atomic_path, atomic_write_json, atomic_write_text
+from hgad.map_stats import compute_map_stats, compute_position_stats
 from hgad.model import HGAD, LatentMaps
-from hgad.stats import compute_map_stats, compute_position_stats
 
-__all__ = ["resolve_device", "learning_rate", "FeatureStore", "TrainResult", "fit", "calibrate",
+__all__ = ["learning_rate", "FeatureStore", "TrainResult", "fit", "calibrate",
            "epoch_order", "LOG_FILE", "SUMMARY_FILE"]
 
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu`` or ``cuda``; CUDA is ``cuda:LOCAL_RANK`` under a multi-process torchrun."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", "cuda requested but no CUDA device is available")
-    return distributed.cuda_device() if name == "cuda" else torch.device(name)
 
 
 def learning_rate(cfg: HGADConfig, meta_epoch: int, frac: float) -> float:

@@ -49,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from hgad import distributed
     from hgad.checkpoint import CONFIG_FILE, MODEL_FILE, read_run_config
     from hgad.data import discover
-    from hgad.inference import evaluate
+    from hgad.device import resolve_device
+    from hgad.evaluation import evaluate
     from hgad.io import check_output_folder, check_writable, whole_folder
     from hgad.report import markdown_table, write_reports
-    from hgad.training import resolve_device
 
     saved = read_run_config(args.run_dir)
     data = args.data or saved.get("data")

@@ -126,9 +126,10 @@ def _train(args: argparse.Namespace) -> int:
     from hgad import distributed
     from hgad.checkpoint import CONFIG_FILE, RESUME_FILE
     from hgad.data import data_record
+    from hgad.device import resolve_device
     from hgad.io import atomic_write_json, replace_folder
     from hgad.model import HGAD
-    from hgad.training import fit, resolve_device
+    from hgad.training import fit
 
     out: Path = args.out
     plan = _plan(args)

@@ -1,4 +1,4 @@
-"""Scoring images with a trained model: whole test sets (``hgad test``) and single images (``predict``).
+"""Dataset-level evaluation (``hgad test``): score a catalog's test split and compute the metrics.
 
 Two protocols (docs/method.md, "Scoring"): ``deploy`` normalises with statistics stored at training, so an image's
 map depends on that image alone; ``paper`` normalises by each class's whole test set as the release
@@ -8,146 +8,26 @@ does (it reproduces the published numbers and cannot score a lone image). Two cl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from hgad import distributed
-from hgad.checkpoint import load_model
-from hgad.data import Catalog, ImageDataset, ImageRecord, preprocess
-from hgad.errors import ConfigError, InputError
+from hgad.data import Catalog, ImageDataset, ImageRecord
+from hgad.errors import ConfigError
+from hgad.map_stats import MapStats, compute_map_stats
 from hgad.metrics import image_metrics, pixel_metrics, summarise
 from hgad.model import HGAD, LatentMaps
-from hgad.stats import MapStats, compute_map_stats
-from hgad.training import resolve_device
+from hgad.scoring import check_finite_maps
 
-__all__ = ["PROTOCOLS", "CLASS_SOURCES", "Prediction", "Detector", "EvalResult", "evaluate"]
+__all__ = ["PROTOCOLS", "CLASS_SOURCES", "EvalResult", "evaluate"]
 
 PROTOCOLS = ("deploy", "paper")
 CLASS_SOURCES = ("inferred", "known")
 _HIST_CAP = 20_000  # latent vectors kept per class and group for the likelihood histograms
-
-
-@dataclass
-class Prediction:
-    """The result for one image."""
-
-    score: float  # image anomaly score (max of the map)
-    anomaly_map: np.ndarray  # (M, M) float32 pixel scores
-    class_index: int  # class whose model scored the image
-    class_name: str
-    class_confidence: float  # image-mean posterior of that class (nan for a single-Gaussian prior)
-    threshold: float
-    is_anomalous: bool
-    path: str | None = None
-
-
-class Detector:
-    """A trained model plus its preprocessing: scores PIL images, tensors or files, one by one or batched."""
-
-    def __init__(self, model: HGAD, source: str = "model") -> None:
-        self.model = model.eval()
-        self.source = source  # named in errors about the model (its run folder when loaded from one)
-
-    @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto", **overrides) -> Detector:
-        """The trained model of a run folder (``overrides``: e.g. ``backbone_weights`` of a moved file)."""
-        return cls(load_model(Path(run_dir), resolve_device(device), **overrides), str(Path(run_dir)))
-
-    @classmethod
-    def fit(cls, data: Sequence[str], out: str | Path, *, preset: str = "fast", classes: Sequence[str] | None = None,
-            resume: bool = False, progress: bool = True, **overrides) -> Detector:
-        """Train on the normal images of ``data`` (``["mvtec:/path", ...]``); same as ``hgad train``."""
-        from hgad.config import preset as make_config
-        from hgad.data import data_record, discover
-        from hgad.training import fit
-
-        cfg = make_config(preset, **overrides)
-        catalog = discover(list(data), classes, need_test=False)
-        model = HGAD(cfg, catalog.classes).to(resolve_device(cfg.device))
-        fit(model, catalog.train, Path(out), resume=resume, progress=progress, log=lambda *_: None,
-            extra_config={"data": data_record(list(data))})
-        return cls(model.eval())
-
-    def save(self, run_dir: str | Path) -> None:
-        """Write config.json and model.safetensors (atomically) to ``run_dir``."""
-        from hgad.checkpoint import save_model, save_run_config
-
-        save_run_config(Path(run_dir), self.model)
-        save_model(Path(run_dir), self.model)
-
-    def evaluate(self, data: Sequence[str], *, protocol: str = "deploy", class_source: str = "inferred",
-                 classes: Sequence[str] | None = None, progress: bool = False) -> EvalResult:
-        """Metrics on the test split of ``data``; same as ``hgad test``."""
-        from hgad.data import discover
-
-        catalog = discover(list(data), classes, need_train=False)
-        return evaluate(self.model, catalog, protocol=protocol, class_source=class_source, progress=progress)
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.model.class_names
-
-    def preprocess(self, image: Image.Image | Tensor) -> Tensor:
-        if isinstance(image, Image.Image):
-            return preprocess(image, self.model.cfg.img_size, self.model.input_norm)
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ConfigError("image", f"expected a preprocessed (3, H, W) tensor, got {tuple(image.shape)}")
-        return image
-
-    @torch.no_grad()
-    def predict(self, images: Sequence[Image.Image | Tensor] | Image.Image | Tensor, *,
-                class_name: str | None = None, threshold: float | None = None) -> list[Prediction]:
-        """Score images with the deploy protocol. ``class_name`` fixes the class (else inferred)."""
-        if isinstance(images, Image.Image | Tensor) and not (isinstance(images, Tensor) and images.dim() == 4):
-            images = [images]
-        batch = torch.stack([self.preprocess(im) for im in images])
-        model = self.model
-        if not bool(model.calibrated):
-            raise ConfigError("model", "has no deploy statistics (training did not finish calibration)")
-        classes = None
-        if class_name is not None:
-            if class_name not in model.class_names:
-                raise ConfigError("--class", f"unknown class {class_name!r}; known: {', '.join(model.class_names)}")
-            classes = torch.full((len(batch),), model.class_names.index(class_name))
-        if threshold is not None and not np.isfinite(threshold):
-            raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
-        lm = model.latent_maps(model.extract(batch), classes)
-        maps = model.deploy_maps(lm).cpu()
-        check_finite_maps(maps, self.source)
-        out = []
-        for i in range(len(batch)):
-            c = int(lm.classes[i])
-            thr = float(model.threshold[c]) if threshold is None else threshold
-            check_threshold(thr, model.class_names[c], self.source)
-            score = float(maps[i].max())
-            conf = float(lm.posterior[i, c]) if lm.posterior is not None else float("nan")
-            out.append(Prediction(score=score, anomaly_map=maps[i].numpy(), class_index=c,
-                                  class_name=model.class_names[c], class_confidence=conf, threshold=thr,
-                                  is_anomalous=score > thr))
-        return out
-
-
-def check_finite_maps(maps: Tensor | np.ndarray, source: str, what: str = "the scored images") -> None:
-    """Non-finite anomaly maps are a damaged model or statistics, never "normal": stop with one line."""
-    values = torch.as_tensor(maps)
-    if not bool(torch.isfinite(values).all()):
-        raise InputError(source, f"the model gives non-finite (NaN/inf) anomaly scores for {what}; its weights "
-                                 "or stored statistics are damaged (retrain, or restore the run)")
-
-
-def check_threshold(value: float, class_name: str, source: str) -> None:
-    """A stored threshold that is not finite would call every image normal (inf) or none (nan)."""
-    if not np.isfinite(value):
-        raise InputError(source, f"stored decision threshold of class {class_name!r} is {value}, not a finite "
-                                 "number (calibration did not finish or the run is damaged); give --threshold "
-                                 "or retrain")
 
 
 @dataclass
