@@ -7,6 +7,7 @@ and ``TYPE_CHECKING`` ones included: a cycle hidden inside a function still ties
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,32 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
     exit_code, torch_loaded = out.splitlines()[-1].split()
     assert exit_code in ("0", "2")
     assert torch_loaded == "False"
+
+
+def _defined(tree: ast.Module, qualname: str) -> bool:
+    """Whether ``qualname`` (``f``, ``C`` or ``C.m``) is defined at the top of ``tree`` (or in its class)."""
+    scope: list[ast.stmt] = tree.body
+    for part in qualname.split("."):
+        found = None
+        for node in scope:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name == part:
+                found = node
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id == part for t in targets):
+                    found = node
+        if found is None:
+            return False
+        scope = getattr(found, "body", [])
+    return True
+
+
+def test_method_code_map_points_at_real_code():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text(encoding="utf-8")
+    section = text[text.index("## Code map"):]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and not ln.startswith("| concept")]
+    entries = [e for row in rows for e in re.findall(r"`([\w/]+\.py):([\w.]+)`", row)]
+    assert len(entries) > 40 and all(re.search(r"`[\w/]+\.py:", row) for row in rows)
+    missing = [f"{path}:{name}" for path, name in entries
+               if not (SRC / path).is_file() or not _defined(ast.parse((SRC / path).read_text()), name)]
+    assert missing == []

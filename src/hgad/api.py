@@ -27,7 +27,7 @@ from hgad.scoring import check_finite_maps, check_threshold
 if TYPE_CHECKING:
     from hgad.evaluation import EvalResult
 
-__all__ = ["Prediction", "Detector"]
+__all__ = ["Prediction", "Detector", "to_predictions", "check_threshold_arg"]
 
 
 @dataclass
@@ -113,19 +113,30 @@ class Detector:
             if class_name not in model.class_names:
                 raise ConfigError("--class", f"unknown class {class_name!r}; known: {', '.join(model.class_names)}")
             classes = torch.full((len(batch),), model.class_names.index(class_name))
-        if threshold is not None and not np.isfinite(threshold):
-            raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
-        lm = model.latent_maps(model.extract(batch), classes)
-        maps = model.deploy_maps(lm).cpu()
-        check_finite_maps(maps, self.source)
-        out = []
-        for i in range(len(batch)):
-            c = int(lm.classes[i])
-            thr = float(model.threshold[c]) if threshold is None else threshold
-            check_threshold(thr, model.class_names[c], self.source)
-            score = float(maps[i].max())
-            conf = float(lm.posterior[i, c]) if lm.posterior is not None else float("nan")
-            out.append(Prediction(score=score, anomaly_map=maps[i].numpy(), class_index=c,
-                                  class_name=model.class_names[c], class_confidence=conf, threshold=thr,
-                                  is_anomalous=score > thr))
-        return out
+        check_threshold_arg(threshold)
+        scored = model.score(model.extract(batch), score=model.score_kind(), norm=model.deploy_norm(), classes=classes)
+        return to_predictions(scored.maps.cpu().numpy(), scored.scores.tolist(), scored.classes.tolist(),
+                              scored.confidence.tolist(), model.class_names, model.threshold.tolist(), threshold,
+                              self.source)
+
+
+def check_threshold_arg(threshold: float | None) -> None:
+    """A threshold given by the caller must be a finite number (checked before any image is scored)."""
+    if threshold is not None and not np.isfinite(threshold):
+        raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
+
+
+def to_predictions(maps: np.ndarray, scores: Sequence[float], classes: Sequence[int], confidences: Sequence[float],
+                   class_names: Sequence[str], thresholds: Sequence[float], threshold: float | None,
+                   source: str) -> list[Prediction]:
+    """One :class:`Prediction` per image of a scored batch (from PyTorch or the ONNX graph): the threshold
+    is ``threshold`` or the scoring class's stored one; non-finite maps or thresholds stop with one line."""
+    check_finite_maps(maps, source)
+    out = []
+    for i, c in enumerate(int(c) for c in classes):
+        thr = float(thresholds[c]) if threshold is None else threshold
+        check_threshold(thr, class_names[c], source)
+        score = float(scores[i])
+        out.append(Prediction(score=score, anomaly_map=maps[i], class_index=c, class_name=class_names[c],
+                              class_confidence=float(confidences[i]), threshold=thr, is_anomalous=score > thr))
+    return out

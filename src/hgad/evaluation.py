@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from hgad import distributed
 from hgad.data import Catalog, ImageDataset, ImageRecord
 from hgad.errors import ConfigError
-from hgad.map_stats import MapStats, compute_map_stats
+from hgad.map_stats import MapStats, Normalisation, compute_map_stats
 from hgad.metrics import image_metrics, pixel_metrics, summarise
 from hgad.model import HGAD, LatentMaps
 from hgad.scoring import check_finite_maps
@@ -86,6 +86,37 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     ``score`` re-scores with another pixel score (``product``, ``logp``, ``entropy``) without retraining.
     """
     score = model.score_kind(score)
+    mapping, unseen = _check_request(model, catalog, protocol, class_source)
+    records = list(catalog.test)
+    true_model_cls = torch.tensor([mapping[r.class_index] for r in records])
+    parts = _score_batches(model, records, true_model_cls, protocol=protocol, class_source=class_source,
+                           score=score, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    empty_masks = _empty_masks(parts, records)
+    scored = _gather(parts, records, catalog.classes, model.cfg.map_size, protocol)
+    if protocol == "paper":
+        scored.maps = _paper_maps(model, scored.kept, true_model_cls, scored.predicted, score, batch_size)
+    maps, masks, predicted = scored.maps, scored.masks, scored.predicted
+    scores = maps.flatten(1).amax(1)
+    bad = (~torch.isfinite(maps.flatten(1))).any(1).nonzero().flatten()
+    if len(bad):
+        first = records[int(bad[0])].path
+        check_finite_maps(maps, "model", f"{len(bad)} of {len(records)} test images (first: {first})")
+    per_class, examples, image_only = _per_class(catalog, records, maps, masks, scores, predicted, mapping, n_examples)
+    seen = true_model_cls >= 0
+    accuracy = float((predicted[seen] == true_model_cls[seen]).float().mean()) if bool(seen.any()) else None
+    return EvalResult(protocol=protocol, class_source=class_source, score=score, per_class=per_class,
+                      mean=summarise(per_class), class_accuracy=accuracy, records=records,
+                      scores=scores.numpy(), predicted=predicted.numpy(),
+                      model_classes=model.class_names, unseen=unseen,
+                      histograms=_histograms(scored.hist), examples=examples, image_only=image_only,
+                      warnings=[f"{len(empty_masks)} anomalous test image(s) have a mask that is all black at "
+                                f"map size {model.cfg.map_size} (first: {empty_masks[0]}); they add no defective "
+                                "pixel to the pixel metrics"] if empty_masks else [])
+
+
+def _check_request(model: HGAD, catalog: Catalog, protocol: str, class_source: str
+                   ) -> tuple[dict[int, int], list[str]]:
+    """Refuse impossible evaluations before any image is read; the catalog-to-model class mapping."""
     if protocol not in PROTOCOLS:
         raise ConfigError("--protocol", f"must be one of {', '.join(PROTOCOLS)}")
     if class_source not in CLASS_SOURCES:
@@ -97,20 +128,20 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
         raise ConfigError("--protocol", "paper protocol needs every test class in the model")
     if protocol == "deploy" and not bool(model.calibrated):
         raise ConfigError("--protocol", "the model has no deploy statistics; use --protocol paper")
-    records = list(catalog.test)
+    return mapping, unseen
+
+
+def _score_batches(model: HGAD, records: list[ImageRecord], true_model_cls: Tensor, *, protocol: str,
+                   class_source: str, score: str, batch_size: int, num_workers: int, progress: bool) -> list[dict]:
+    """This process's share of the test images, batch by batch: classes, masks, histogram groups and
+    either the deploy maps or (paper) the latent maps, which need the whole set's statistics first."""
     cfg = model.cfg
-    n = len(records)
     # under torchrun each rank scores every world_size-th batch (whole batches: per-image results as alone)
     ctx = distributed.context()
     loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm),
-                                         batch_sampler=distributed.shard_batches(n, batch_size, ctx),
+                                         batch_sampler=distributed.shard_batches(len(records), batch_size, ctx),
                                          num_workers=num_workers)
-    true_model_cls = torch.tensor([mapping[r.class_index] for r in records])
-    masks = torch.zeros((n, cfg.map_size, cfg.map_size), dtype=torch.bool)
-    maps = torch.zeros((n, cfg.map_size, cfg.map_size))
-    predicted = torch.zeros(n, dtype=torch.long)
-    kept: list[LatentMaps] = []
-    hist: dict[str, dict[str, list[Tensor]]] = {c: {"normal": [], "anomalous": []} for c in catalog.classes}
+    norm = model.deploy_norm()
     parts: list[dict] = []
     for batch in tqdm(loader, desc=f"test ({protocol}, {class_source})", unit="batch", disable=not progress):
         idx = batch.index
@@ -122,45 +153,83 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
                 "groups": [_vector_groups(lm.logp[0][j], batch.mask[j, 0], int(batch.label[j]))
                            for j in range(len(idx))]}
         if protocol == "deploy":
-            part["maps"] = model.deploy_maps(_to(lm, model.device), score=score).cpu()
+            part["maps"] = model.score_latent(_to(lm, model.device), score=score, norm=norm).maps.cpu()
         else:
             part["lm"] = lm
         parts.append(part)
-    empty_masks: list[str] = []
+    return parts
+
+
+def _empty_masks(parts: list[dict], records: list[ImageRecord]) -> list[str]:
+    """Mask files of anomalous images that are all black at map size (they add no defective pixel)."""
+    empty: list[str] = []
     for part in parts:
         for j, i in enumerate(part["idx"].tolist()):
             rec = records[i]
             if rec.label == 1 and rec.mask_path is not None and not bool(part["mask"][j].any()):
-                empty_masks.append(str(rec.mask_path))
-    for part in sorted(distributed.all_gather_list(parts, ctx), key=lambda p: int(p["idx"][0])):
+                empty.append(str(rec.mask_path))
+    return empty
+
+
+@dataclass
+class _Gathered:
+    """Every process's batches put back in image order."""
+
+    predicted: Tensor  # (N,) model class index used for scoring
+    masks: Tensor  # (N, M, M) bool
+    maps: Tensor  # (N, M, M); zeros until the paper protocol's maps are made
+    kept: list[LatentMaps]  # paper protocol: latent maps in image order
+    hist: dict[str, dict[str, list[Tensor]]]  # class -> normal/anomalous finest-scale log-likelihoods
+
+
+def _gather(parts: list[dict], records: list[ImageRecord], classes: list[str], map_size: int,
+            protocol: str) -> _Gathered:
+    n = len(records)
+    out = _Gathered(predicted=torch.zeros(n, dtype=torch.long),
+                    masks=torch.zeros((n, map_size, map_size), dtype=torch.bool),
+                    maps=torch.zeros((n, map_size, map_size)), kept=[],
+                    hist={c: {"normal": [], "anomalous": []} for c in classes})
+    for part in sorted(distributed.all_gather_list(parts, distributed.context()), key=lambda p: int(p["idx"][0])):
         idx = part["idx"]
-        predicted[idx] = part["classes"]
-        masks[idx] = part["mask"]
+        out.predicted[idx] = part["classes"]
+        out.masks[idx] = part["mask"]
         for i, groups in zip(idx.tolist(), part["groups"]):
             name = records[i].class_name
-            hist[name]["normal"].append(groups[0])
-            hist[name]["anomalous"].append(groups[1])
+            out.hist[name]["normal"].append(groups[0])
+            out.hist[name]["anomalous"].append(groups[1])
         if protocol == "deploy":
-            maps[idx] = part["maps"]
+            out.maps[idx] = part["maps"]
         else:
-            kept.append(part["lm"])
-    if protocol == "paper":
-        # statistics of each class's whole test set, grouped by the ground-truth class (as the release)
-        logp = [torch.cat(level) for level in zip(*(k.logp for k in kept))]
-        ent = [torch.cat(level) for level in zip(*(k.ent for k in kept))] if kept[0].ent is not None else None
-        stats: tuple[MapStats, MapStats | None] = (
-            compute_map_stats(logp, true_model_cls, model.n_classes, cfg.map_size),
-            compute_map_stats(ent, true_model_cls, model.n_classes, cfg.map_size) if ent else None)
-        for start in range(0, n, batch_size):
-            sl = slice(start, start + batch_size)
-            lm = LatentMaps(logp=[m[sl] for m in logp], ent=[m[sl] for m in ent] if ent else None,
-                            posterior=None, classes=predicted[sl])
-            maps[sl] = model.maps(_to(lm, model.device), stats, clamp=False,
-                                  stat_classes=true_model_cls[sl], score=score).cpu()
-    scores = maps.flatten(1).amax(1)
-    bad = (~torch.isfinite(maps.flatten(1))).any(1).nonzero().flatten()
-    if len(bad):
-        check_finite_maps(maps, "model", f"{len(bad)} of {n} test images (first: {records[int(bad[0])].path})")
+            out.kept.append(part["lm"])
+    return out
+
+
+def _paper_maps(model: HGAD, kept: list[LatentMaps], true_model_cls: Tensor, predicted: Tensor, score: str,
+                batch_size: int) -> Tensor:
+    """The paper protocol: statistics of each class's whole test set, grouped by the ground-truth class (as
+    the release), applied to every image of that class."""
+    cfg = model.cfg
+    n = len(true_model_cls)
+    logp = [torch.cat(level) for level in zip(*(k.logp for k in kept))]
+    ent = [torch.cat(level) for level in zip(*(k.ent for k in kept))] if kept[0].ent is not None else None
+    stats: tuple[MapStats, MapStats | None] = (
+        compute_map_stats(logp, true_model_cls, model.n_classes, cfg.map_size),
+        compute_map_stats(ent, true_model_cls, model.n_classes, cfg.map_size) if ent else None)
+    norm = Normalisation(stats[0], stats[1], clamp=False)
+    maps = torch.zeros((n, cfg.map_size, cfg.map_size))
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        lm = LatentMaps(logp=[m[sl] for m in logp], ent=[m[sl] for m in ent] if ent else None,
+                        posterior=None, classes=predicted[sl])
+        maps[sl] = model.score_latent(_to(lm, model.device), score=score, norm=norm,
+                                      stat_classes=true_model_cls[sl]).maps.cpu()
+    return maps
+
+
+def _per_class(catalog: Catalog, records: list[ImageRecord], maps: Tensor, masks: Tensor, scores: Tensor,
+               predicted: Tensor, mapping: dict[int, int], n_examples: int
+               ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict]], list[str]]:
+    """Metrics of each class, the report's example images, and the classes scored on image labels only."""
     labels = torch.tensor([r.label for r in records])
     cls_idx = torch.tensor([r.class_index for r in records])
     per_class: dict[str, dict[str, float]] = {}
@@ -185,10 +254,13 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
         defect = _spread_over_types([int(i) for i in sel if labels[i] == 1], records, n_examples)
         examples[name] = [{"record": records[i], "map": maps[i].numpy(), "score": float(scores[i]),
                            "mask": masks[i].numpy()} for i in normal + defect]
-    seen = true_model_cls >= 0
-    accuracy = float((predicted[seen] == true_model_cls[seen]).float().mean()) if bool(seen.any()) else None
+    return per_class, examples, image_only
+
+
+def _histograms(hist: dict[str, dict[str, list[Tensor]]]) -> dict[str, dict[str, np.ndarray]]:
+    """Per class and group, the finest-scale log-likelihoods (a seeded sample of at most _HIST_CAP)."""
     gen = torch.Generator().manual_seed(0)
-    histograms = {}
+    histograms: dict[str, dict[str, np.ndarray]] = {}
     for name, groups in hist.items():
         histograms[name] = {}
         for g, parts in groups.items():
@@ -196,14 +268,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
             if len(v) > _HIST_CAP:
                 v = v[torch.randperm(len(v), generator=gen)[:_HIST_CAP]]
             histograms[name][g] = v.numpy()
-    return EvalResult(protocol=protocol, class_source=class_source, score=score, per_class=per_class,
-                      mean=summarise(per_class), class_accuracy=accuracy, records=records,
-                      scores=scores.numpy(), predicted=predicted.numpy(),
-                      model_classes=model.class_names, unseen=unseen,
-                      histograms=histograms, examples=examples, image_only=image_only,
-                      warnings=[f"{len(empty_masks)} anomalous test image(s) have a mask that is all black at "
-                                f"map size {cfg.map_size} (first: {empty_masks[0]}); they add no defective "
-                                "pixel to the pixel metrics"] if empty_masks else [])
+    return histograms
 
 
 def _spread_over_types(indices: list[int], records: list[ImageRecord], n: int) -> list[int]:

@@ -26,12 +26,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from hgad.api import Prediction
+from hgad.api import Prediction, check_threshold_arg, to_predictions
 from hgad.data import IMAGENET_NORM, Norm, preprocess
 from hgad.errors import ConfigError, InputError, brief
 from hgad.model import HGAD
 from hgad.onnx_spec import DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, META_KEY, MIN_OPSET, OUTPUT_NAMES
-from hgad.scoring import image_scores
 from hgad.version import __version__
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAMES", "DEFAULT_OPSET", "InferenceGraph", "ExportCheck", "export_onnx",
@@ -62,18 +61,13 @@ class InferenceGraph(nn.Module):
     def __init__(self, model: HGAD) -> None:
         super().__init__()
         self.model = model.eval()
+        self.score = model.score_kind()  # the run's pixel score, fixed in the graph
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The deploy path of :meth:`hgad.model.HGAD.score`, flattened into the graph's four outputs."""
         model = self.model
-        lm = model.latent_maps(model.extract(images), None)
-        maps = model.deploy_maps(lm)
-        scores = image_scores(maps)
-        classes = lm.classes.long()
-        if lm.posterior is None:
-            confidences = torch.full_like(scores, float("nan"))
-        else:
-            confidences = lm.posterior.gather(1, classes[:, None])[:, 0]
-        return maps, scores, classes, confidences
+        scored = model.score(model.extract(images), score=self.score, norm=model.deploy_norm())
+        return scored.maps, scored.scores, scored.classes, scored.confidence
 
 
 @dataclass
@@ -267,20 +261,8 @@ class OnnxDetector:
                                          "(it always infers the class); score with the run instead")
         if isinstance(images, Image.Image) or (isinstance(images, Tensor) and images.dim() != 4):
             images = [images]
-        from hgad.scoring import check_finite_maps, check_threshold
-
-        if threshold is not None and not math.isfinite(threshold):
-            raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
+        check_threshold_arg(threshold)
         batch = torch.stack([self.preprocess(im) for im in images]).float().cpu().numpy()
         maps, scores, classes, conf = self.session.run(None, {INPUT_NAME: batch})
-        check_finite_maps(maps, str(self.source))
-        out = []
-        for i in range(len(batch)):
-            c = int(classes[i])
-            thr = self.thresholds[c] if threshold is None else threshold
-            check_threshold(thr, self._class_names[c], str(self.source))
-            score = float(scores[i])
-            out.append(Prediction(score=score, anomaly_map=maps[i], class_index=c,
-                                  class_name=self._class_names[c], class_confidence=float(conf[i]),
-                                  threshold=thr, is_anomalous=score > thr))
-        return out
+        return to_predictions(maps, scores, classes, conf, self._class_names, self.thresholds, threshold,
+                              str(self.source))

@@ -8,7 +8,6 @@ the deploy-protocol statistics that make single-image scoring possible.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +20,11 @@ from hgad.data import IMAGENET_NORM
 from hgad.errors import ConfigError
 from hgad.flow import ConditionalFlow, positional_encoding_2d
 from hgad.losses import LossConfig, hgad_loss
-from hgad.map_stats import MapStats
+from hgad.map_stats import MapStats, Normalisation, PositionStats
 from hgad.prior import HierarchicalPrior
-from hgad.scoring import anomaly_map, class_log_posterior, log_likelihood, neg_entropy, zscore_map
+from hgad.scoring import class_log_posterior, gaussian_log_likelihood, image_scores, log_likelihood, neg_entropy
 
-__all__ = ["HGAD", "LatentMaps"]
+__all__ = ["HGAD", "LatentMaps", "ScoredBatch"]
 
 _WHITEN_EPS = 0.01  # ridge on the feature covariance before whitening (features have variances ~0.1-1)
 
@@ -39,6 +38,17 @@ class LatentMaps:
     posterior: Tensor | None  # (B, Y) image-mean class posterior p(y|z)
     classes: Tensor  # (B,) class whose intra-class mixture scored each image
     class_maps: list[Tensor] | None = None  # per scale (B, h, w): most probable class of each vector
+
+
+@dataclass
+class ScoredBatch:
+    """Scores of a batch of images: what every scorer (Detector, evaluate, ONNX, calibrate) reads."""
+
+    maps: Tensor  # (B, M, M) anomaly maps
+    scores: Tensor  # (B,) image scores: the maximum of each map
+    classes: Tensor  # (B,) int64 class whose model scored each image
+    posterior: Tensor | None  # (B, Y) image-mean class posterior (None for a single-Gaussian prior)
+    confidence: Tensor  # (B,) posterior of the scoring class (NaN without a posterior)
 
 
 class HGAD(nn.Module):
@@ -200,11 +210,7 @@ class HGAD(nn.Module):
         zs = [self.encode(f, lvl) for lvl, f in enumerate(feats)]
         shapes = [f.shape[2:] for f in feats]
         if self.priors is None:
-            logp = []
-            for (z, logdet), (h, w) in zip(zs, shapes):
-                d = z.shape[1]
-                lp = (-0.5 * d * math.log(2 * math.pi) - 0.5 * z.pow(2).sum(1) + logdet) / d
-                logp.append(lp.view(b, h, w))
+            logp = [gaussian_log_likelihood(z, logdet).view(b, h, w) for (z, logdet), (h, w) in zip(zs, shapes)]
             cls = classes if classes is not None else torch.zeros(b, dtype=torch.long)
             return LatentMaps(logp=logp, ent=None, posterior=None, classes=cls.to(self.device).long())
         post = torch.zeros(b, self.n_classes, device=self.device)
@@ -224,10 +230,6 @@ class HGAD(nn.Module):
             ent.append(neg_entropy(z, prior.mu).view(b, h, w))
         return LatentMaps(logp=logp, ent=ent, posterior=post, classes=cls, class_maps=class_maps)
 
-    def stored_stats(self) -> tuple[MapStats, MapStats]:
-        """Deploy-protocol statistics (logp, entropy) stored in the model."""
-        return (MapStats(self.logp_max, self.logp_smax), MapStats(self.ent_max, self.ent_smax))
-
     def set_stats(self, logp: MapStats, ent: MapStats | None) -> None:
         self.logp_max.copy_(logp.scale_max)
         self.logp_smax.copy_(logp.s_max)
@@ -242,22 +244,17 @@ class HGAD(nn.Module):
             getattr(self, f"z_{kind}_mean{lvl}").copy_(mean)
             getattr(self, f"z_{kind}_std{lvl}").copy_(std)
 
-    def deploy_maps(self, lm: LatentMaps, score: str | None = None) -> Tensor:
-        """Anomaly maps (B, M, M) under the deploy protocol: the statistics stored at training, each image
-        normalised by its own class's rows only (``score_norm`` chooses the release's max normalisation
-        or per-position z-scores; ``score`` overrides the configured pixel score)."""
-        if self.cfg.score_norm != "zscore":
-            return self.maps(lm, self.stored_stats(), clamp=True, score=score)
-        maps = {"logp": ("logp",), "entropy": ("ent",), "product": ("logp", "ent")}[self.score_kind(score)]
-        cls = lm.classes.to(self.device).long()
-        total: Tensor | None = None
-        for name in maps:  # with zscore, "product" is the sum of the two z maps
-            levels = getattr(lm, name)
-            means = [getattr(self, f"z_{name}_mean{lvl}")[cls] for lvl in range(len(levels))]
-            stds = [getattr(self, f"z_{name}_std{lvl}")[cls] for lvl in range(len(levels))]
-            part = zscore_map(levels, means, stds, self.cfg.map_size, self.cfg.blur_sigma)
-            total = part if total is None else total + part
-        return total
+    def deploy_norm(self) -> Normalisation:
+        """The deploy protocol's normalisation: the statistics stored at training (``score_norm`` says which)."""
+        if self.cfg.score_norm == "zscore":
+            def positions(kind: str) -> PositionStats:
+                n = len(self.flows)
+                return PositionStats([getattr(self, f"z_{kind}_mean{lvl}") for lvl in range(n)],
+                                     [getattr(self, f"z_{kind}_std{lvl}") for lvl in range(n)])
+
+            return Normalisation(positions("logp"), positions("ent"))
+        return Normalisation(MapStats(self.logp_max, self.logp_smax), MapStats(self.ent_max, self.ent_smax),
+                             clamp=True)
 
     def score_kind(self, score: str | None = None) -> str:
         """The pixel score used: ``score`` or the configured one, with ``product`` falling back to ``logp``
@@ -272,26 +269,24 @@ class HGAD(nn.Module):
             return "logp"
         return kind
 
-    def maps(self, lm: LatentMaps, stats: tuple[MapStats, MapStats | None], *, clamp: bool,
-             stat_classes: Tensor | None = None, score: str | None = None) -> Tensor:
-        """Final anomaly maps (B, M, M) from latent maps and normalisation statistics (docs/method.md, "Scoring").
+    @torch.no_grad()
+    def score(self, feats: list[Tensor], *, score: str, norm: Normalisation, classes: Tensor | None = None
+              ) -> ScoredBatch:
+        """Features to anomaly maps, image scores, class and posterior: the one scoring path (docs/method.md,
+        "Scoring"). ``classes`` fixes the class of each image (else inferred, see :meth:`latent_maps`)."""
+        return self.score_latent(self.latent_maps(feats, classes), score=score, norm=norm)
 
-        Statistics rows are those of ``stat_classes`` (default: the classes that scored the images);
-        ``score`` overrides the configured pixel score (see :meth:`score_kind`).
-        """
-        cfg = self.cfg
+    def score_latent(self, lm: LatentMaps, *, score: str, norm: Normalisation,
+                     stat_classes: Tensor | None = None) -> ScoredBatch:
+        """:class:`ScoredBatch` of latent maps normalised by ``norm`` (rows of ``stat_classes``, default: the
+        classes that scored the images) with pixel score ``score`` (see :meth:`score_kind`)."""
         kind = self.score_kind(score)
         rows = lm.classes if stat_classes is None else stat_classes
-        parts = []
-        if kind in ("product", "logp"):
-            mx, smax = stats[0].for_images(rows)
-            parts.append(anomaly_map([m.float() for m in lm.logp], mx.to(self.device), smax.to(self.device),
-                                     cfg.map_size, cfg.blur_sigma, clamp))
-        if kind in ("product", "entropy") and lm.ent is not None and stats[1] is not None:
-            mx, smax = stats[1].for_images(rows)
-            parts.append(anomaly_map([m.float() for m in lm.ent], mx.to(self.device), smax.to(self.device),
-                                     cfg.map_size, cfg.blur_sigma, clamp))
-        out = parts[0]
-        for p in parts[1:]:
-            out = out * p
-        return out
+        maps = norm.maps({"logp": lm.logp, "ent": lm.ent}, kind, rows, self.cfg.map_size, self.cfg.blur_sigma)
+        scores = image_scores(maps)
+        classes = lm.classes.long()
+        if lm.posterior is None:
+            confidence = torch.full_like(scores, float("nan"))
+        else:
+            confidence = lm.posterior.gather(1, classes[:, None])[:, 0]
+        return ScoredBatch(maps=maps, scores=scores, classes=classes, posterior=lm.posterior, confidence=confidence)

@@ -22,6 +22,7 @@ from hgad.losses import intra_log_mixture, sq_distances
 from hgad.prior import HALF_LOG_2PI
 
 __all__ = [
+    "gaussian_log_likelihood",
     "log_likelihood",
     "neg_entropy",
     "class_log_posterior",
@@ -33,6 +34,15 @@ __all__ = [
     "check_finite_maps",
     "check_threshold",
 ]
+
+def gaussian_log_likelihood(z: Tensor, logdet: Tensor) -> Tensor:
+    """Per-dimension log-likelihood ``(N,)`` under the single-Gaussian prior ``N(0, I)`` (the NF baseline).
+
+    ``[-D ln(2 pi)/2 - |z|^2/2 + logdet] / D``.
+    """
+    dim = z.shape[1]
+    return (-dim * HALF_LOG_2PI - 0.5 * z.pow(2).sum(1) + logdet) / dim
+
 
 def log_likelihood(z: Tensor, logdet: Tensor, classes: Tensor, centres: Tensor, log_w: Tensor) -> Tensor:
     """Per-dimension log-likelihood ``(N,)`` under the intra-class mixture of ``classes``.

@@ -360,12 +360,13 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
         if ent_levels:
             model.set_position_stats("ent", compute_position_stats(ent_levels, labels, y))
     scores = torch.empty(n)
+    norm, score = model.deploy_norm(), model.score_kind()
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         lm_logp = [m[sl].to(model.device) for m in logp_levels]
         lm_ent = [m[sl].to(model.device) for m in ent_levels] if ent_levels else None
         lm = LatentMaps(logp=lm_logp, ent=lm_ent, posterior=None, classes=labels[sl].to(model.device))
-        scores[sl] = model.deploy_maps(lm).flatten(1).amax(1).cpu()
+        scores[sl] = model.score_latent(lm, score=score, norm=norm).scores.cpu()
     for c in range(y):
         own = scores[labels == c]
         if len(own):
