@@ -15,12 +15,20 @@ from hgad.scoring import (
     class_log_posterior,
     combine_scales,
     gaussian_blur,
+    gaussian_log_likelihood,
     image_scores,
     log_likelihood,
     neg_entropy,
 )
 from worked_example import CENTRES, D_INTRA, D_MAIN, LOGDET, MU, PI, W, Z
 from worked_example import LABELS as CLASSES
+
+
+def test_gaussian_log_likelihood_by_hand() -> None:
+    out = gaussian_log_likelihood(torch.tensor(Z), torch.tensor(LOGDET))
+    expected = [(-2 * 0.5 * math.log(2 * math.pi) - 0.5 * (z[0] ** 2 + z[1] ** 2) + ld) / 2 for z, ld in zip(Z, LOGDET)]
+    assert out.shape == (3,)
+    assert out.tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_log_likelihood_by_hand() -> None:
