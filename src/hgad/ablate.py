@@ -232,14 +232,9 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
     A rung whose folder already holds its model, metrics and vectors is read back, not recomputed; a
     rung interrupted during training resumes from its checkpoint. Returns the ``ablation.json`` payload.
     """
-    from hgad.checkpoint import MODEL_FILE, RESUME_FILE, load_model
     from hgad.data import discover
     from hgad.device import resolve_device
-    from hgad.evaluation import evaluate
     from hgad.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-    from hgad.model import HGAD
-    from hgad.report import write_reports
-    from hgad.training import fit
 
     out = Path(out)
     data = [str(d) for d in data]
@@ -259,34 +254,11 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
         if skipped:
             log(f"{tag}: already done in {run_dir}, skipped")
         else:
-            if (run_dir / MODEL_FILE).is_file():
-                log(f"{tag}: trained model found in {run_dir}, testing it")
-                model = load_model(run_dir, device)
-                backbone = _share_backbone(model, backbone)
-            else:
-                resume = (run_dir / RESUME_FILE).is_file()
-                log(f"{tag}: {'resuming' if resume else 'training'} {rung.title} in {run_dir}")
-                model = HGAD(cfg, catalog.classes, backbone=backbone).to(device)
-                backbone = _share_backbone(model, backbone)
-                fit(model, catalog.train, run_dir, resume=resume, progress=progress, log=log,
-                    extra_config={"data": data})
-            t0 = time.perf_counter()
-            result = evaluate(model.eval(), catalog, protocol=PROTOCOL, class_source=CLASS_SOURCE,
-                              progress=progress, num_workers=cfg.num_workers)
-            write_reports(result, eval_dir, html=html, seconds=time.perf_counter() - t0)
-            _save_vectors(run_dir / HIST_FILE, result.histograms)
+            model, backbone = _train_and_test(rung, cfg, run_dir, catalog, data, device, backbone, tag,
+                                              progress=progress, html=html, log=log)
         metrics = _read_metrics(eval_dir / "metrics.json")
-        vec = _load_vectors(run_dir / HIST_FILE)
-        vectors[rung.name] = vec
-        row = {"name": rung.name, "folder": rung.folder, "title": rung.title,
-               "prior": cfg.prior, "use_mi": cfg.prior == "hgmm" and cfg.use_mi,
-               "use_entropy": cfg.prior == "hgmm" and cfg.use_entropy,
-               "n_intra": cfg.n_intra if cfg.prior == "hgmm" else None, "score": cfg.score,
-               "mean": metrics["mean"], "per_class": metrics["per_class"],
-               "vector_auroc": _vector_auroc(vec["normal"], vec["anomalous"]),
-               "n_vectors": {g: len(v) for g, v in vec.items()},
-               "skipped": skipped}
-        row["train_seconds"], row["train_class_accuracy"] = _train_summary(run_dir)
+        vectors[rung.name] = _load_vectors(run_dir / HIST_FILE)
+        row = _row(rung, cfg, run_dir, metrics, vectors[rung.name], skipped)
         rows.append(row)
         log(f"{tag}: {_summary(row['mean'])}, vector AUROC {percent(row['vector_auroc'])}")
         if rung is RUNGS[-1]:
@@ -299,6 +271,50 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
     atomic_write_text(out / "ablation.md", ablation_markdown(payload))
     atomic_write_bytes(out / "ablation.png", _figure_png(rows, vectors))
     return payload
+
+
+def _train_and_test(rung: Rung, cfg: HGADConfig, run_dir: Path, catalog, data: list[str], device,
+                    backbone: nn.Module | None, tag: str, *, progress: bool, html: bool,
+                    log: Callable[[str], None]) -> tuple[HGAD, nn.Module]:
+    """Train a rung (or resume it, or load its finished model), test it and keep its vectors; the model
+    and the shared backbone (made from this model's on first use)."""
+    from hgad.checkpoint import MODEL_FILE, RESUME_FILE, load_model
+    from hgad.evaluation import evaluate
+    from hgad.model import HGAD
+    from hgad.report import write_reports
+    from hgad.training import fit
+
+    if (run_dir / MODEL_FILE).is_file():
+        log(f"{tag}: trained model found in {run_dir}, testing it")
+        model = load_model(run_dir, device)
+        backbone = _share_backbone(model, backbone)
+    else:
+        resume = (run_dir / RESUME_FILE).is_file()
+        log(f"{tag}: {'resuming' if resume else 'training'} {rung.title} in {run_dir}")
+        model = HGAD(cfg, catalog.classes, backbone=backbone).to(device)
+        backbone = _share_backbone(model, backbone)
+        fit(model, catalog.train, run_dir, resume=resume, progress=progress, log=log, extra_config={"data": data})
+    t0 = time.perf_counter()
+    result = evaluate(model.eval(), catalog, protocol=PROTOCOL, class_source=CLASS_SOURCE, progress=progress,
+                      num_workers=cfg.num_workers)
+    write_reports(result, run_dir / EVAL_DIR, html=html, seconds=time.perf_counter() - t0)
+    _save_vectors(run_dir / HIST_FILE, result.histograms)
+    return model, backbone
+
+
+def _row(rung: Rung, cfg: HGADConfig, run_dir: Path, metrics: dict[str, Any], vec: dict[str, np.ndarray],
+         skipped: bool) -> dict[str, Any]:
+    """A rung's line of ablation.json: its switches, metrics, vector AUROC and training summary."""
+    row = {"name": rung.name, "folder": rung.folder, "title": rung.title,
+           "prior": cfg.prior, "use_mi": cfg.prior == "hgmm" and cfg.use_mi,
+           "use_entropy": cfg.prior == "hgmm" and cfg.use_entropy,
+           "n_intra": cfg.n_intra if cfg.prior == "hgmm" else None, "score": cfg.score,
+           "mean": metrics["mean"], "per_class": metrics["per_class"],
+           "vector_auroc": _vector_auroc(vec["normal"], vec["anomalous"]),
+           "n_vectors": {g: len(v) for g, v in vec.items()},
+           "skipped": skipped}
+    row["train_seconds"], row["train_class_accuracy"] = _train_summary(run_dir)
+    return row
 
 
 def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | None, cfg: HGADConfig, own: dict[str, Any],

@@ -89,9 +89,11 @@ class Detector:
 
     @property
     def class_names(self) -> list[str]:
+        """Names of the classes the model knows, in index order."""
         return self.model.class_names
 
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
+        """A PIL image as the model's (3, S, S) input; a tensor is taken as already preprocessed."""
         if isinstance(image, Image.Image):
             return preprocess(image, self.model.cfg.img_size, self.model.input_norm)
         if image.dim() != 3 or image.shape[0] != 3:

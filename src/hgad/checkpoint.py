@@ -38,6 +38,7 @@ def save_run_config(run_dir: Path, model: HGAD, extra: dict[str, Any] | None = N
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's config.json (settings, classes, data); a missing or foreign file is an InputError."""
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).is_dir():
         raise InputError(run_dir, "run folder does not exist")
@@ -109,6 +110,7 @@ def _looks_pickled(path: Path) -> bool:
 
 
 def save_model(run_dir: Path, model: HGAD) -> Path:
+    """Write the trained state (everything but the backbone) to ``run_dir/model.safetensors``, atomically."""
     path = Path(run_dir) / MODEL_FILE
     # one metadata key only: safetensors writes metadata in hash-map order, which varies between runs
     tensors = model.trainable_state()

@@ -108,6 +108,12 @@ class HGADConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work (before any heavy work starts)."""
+        self._check_sizes()
+        self._check_training()
+        self._check_features()
+
+    def _check_sizes(self) -> None:
+        """Choices, counts and sizes."""
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(flag_of(name), f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -121,6 +127,9 @@ class HGADConfig:
                 raise ConfigError(flag_of(name), f"must be at most {MAX_SIZE}, got {getattr(self, name)}")
         if self.pos_dim % 4:
             raise ConfigError("--pos-dim", f"must be a multiple of 4, got {self.pos_dim}")
+
+    def _check_training(self) -> None:
+        """Schedule, loss weights and optimiser settings."""
         if self.stage1_epochs < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
             raise ConfigError("--stage1-epochs/--warmup-epochs/--num-workers", "must not be negative")
         if not self.lr > 0:
@@ -135,6 +144,9 @@ class HGADConfig:
             raise ConfigError("--beta1/--beta2", "must be in (0, 1)")
         if not 0 < self.threshold_quantile <= 1:
             raise ConfigError("--threshold-quantile", f"must be in (0, 1], got {self.threshold_quantile}")
+
+    def _check_features(self) -> None:
+        """Backbone taps; a single-Gaussian prior scores with the log-likelihood alone."""
         if not self.taps or any(t < 0 for t in self.taps):
             raise ConfigError("--taps", f"need one or more non-negative indices, got {self.taps}")
         if self.feature_mode == "pyramid" and len(self.taps) != 1:
@@ -145,14 +157,17 @@ class HGADConfig:
 
     @property
     def n_scales(self) -> int:
+        """Number of feature scales (one flow and one prior each)."""
         return self.pyramid_levels if self.feature_mode == "pyramid" else len(self.taps)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-able values (as stored in config.json)."""
         d = dataclasses.asdict(self)
         d["taps"] = list(self.taps)
         return d
 
     def to_json(self) -> str:
+        """The settings as sorted, indented JSON."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 

@@ -51,6 +51,7 @@ class DistContext:
         return self.rank == 0
 
     def barrier(self) -> None:
+        """Wait until every rank gets here."""
         if self.device.type == "cuda":
             dist.barrier(device_ids=[self.device.index])
         else:

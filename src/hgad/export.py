@@ -242,9 +242,11 @@ class OnnxDetector:
 
     @property
     def class_names(self) -> list[str]:
+        """Names of the classes stored in the graph's metadata, in index order."""
         return self._class_names
 
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
+        """A PIL image as the graph's (3, S, S) input; a tensor must already have that shape."""
         if isinstance(image, Image.Image):
             return preprocess(image, self.img_size, self.norm)
         if image.dim() != 3 or tuple(image.shape) != (3, self.img_size, self.img_size):

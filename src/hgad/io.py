@@ -65,15 +65,18 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """UTF-8 :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Sorted, indented JSON written with :func:`atomic_write_text`."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
@@ -162,6 +165,7 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        """Take the lock, or raise InputError at once when another process holds it."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
@@ -195,6 +199,7 @@ class FolderLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Give the lock back (a no-op when it is not held)."""
         if self._fd is None:
             return
         try:

@@ -97,13 +97,16 @@ class HGAD(nn.Module):
     # ---- parameters and state -------------------------------------------------------------
     @property
     def n_classes(self) -> int:
+        """Number of classes of the unified model."""
         return len(self.class_names)
 
     @property
     def device(self) -> torch.device:
+        """Where the model's state lives."""
         return self.logp_max.device
 
     def train(self, mode: bool = True) -> HGAD:
+        """Train mode for flows and prior; the frozen backbone always stays in eval mode."""
         super().train(mode)
         self.backbone.train(False)  # frozen: batch-norm statistics never move
         return self
@@ -121,6 +124,7 @@ class HGAD(nn.Module):
         return groups
 
     def flow_parameter_counts(self) -> list[int]:
+        """Trainable parameters of each scale's flow."""
         return [sum(p.numel() for p in f.parameters() if p.requires_grad) for f in self.flows]
 
     # ---- features to vectors ----------------------------------------------------------------
@@ -231,6 +235,7 @@ class HGAD(nn.Module):
         return LatentMaps(logp=logp, ent=ent, posterior=post, classes=cls, class_maps=class_maps)
 
     def set_stats(self, logp: MapStats, ent: MapStats | None) -> None:
+        """Store the deploy-protocol max statistics and mark the model calibrated."""
         self.logp_max.copy_(logp.scale_max)
         self.logp_smax.copy_(logp.s_max)
         if ent is not None:

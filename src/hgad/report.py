@@ -57,6 +57,7 @@ def markdown_table(result: EvalResult) -> str:
 
 
 def metrics_payload(result: EvalResult, seconds: float | None = None) -> dict:
+    """metrics.json's content: settings, per-class and mean metrics (NaN written as null)."""
     def clean(d: dict) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 

@@ -98,11 +98,13 @@ def _header_size(path: Path) -> tuple[int, int]:
 
 def size_mismatch(mask_path: Path, mask_size: tuple[int, int], image_path: Path,
                    image_size: tuple[int, int]) -> InputError:
+    """The error for a mask whose size differs from its image's."""
     return InputError(mask_path, f"mask size {mask_size[0]}x{mask_size[1]} differs from image size "
                                  f"{image_size[0]}x{image_size[1]} of {image_path}")
 
 
 def check_pair_sizes(image_path: Path, mask_path: Path) -> None:
+    """Image and mask must have the same size (read from the headers, nothing decoded)."""
     isize, msize = _header_size(image_path), _header_size(mask_path)
     if isize != msize:
         raise size_mismatch(mask_path, msize, image_path, isize)
@@ -209,6 +211,7 @@ def _mask_to_binary(im: Image.Image) -> Image.Image:
 
 
 def mask_tensor(im: Image.Image, size: int) -> torch.Tensor:
+    """A decoded mask as (1, S, S) float32 in {0, 1}, with the geometry of :func:`preprocess`."""
     binary = resize_crop(_mask_to_binary(im), size, Image.Resampling.NEAREST)
     return torch.from_numpy((np.asarray(binary) > 0).astype(np.float32))[None]
 

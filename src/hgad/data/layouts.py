@@ -38,6 +38,8 @@ LAYOUT_HINTS = {
 
 @dataclass
 class ClassScan:
+    """The images of one class as a layout lists them (before they become catalog records)."""
+
     train: list[Path]
     test: list[tuple[Path, int, Path | None, str]]  # (image, label, mask, defect type)
     masks_expected: bool
