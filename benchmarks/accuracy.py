@@ -75,12 +75,12 @@ def _gaussian_features(extractor, records, norm, batch: int = 16):
     out, masks = [], []
     for start in range(0, len(ds), batch):
         items = [ds[i] for i in range(start, min(len(ds), start + batch))]
-        x = torch.stack([it["image"] for it in items])
+        x = torch.stack([it.image for it in items])
         f8, f16 = extractor(x)
         f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
         f = F.avg_pool2d(torch.cat([f8, f16], 1), 3, stride=1, padding=1, count_include_pad=False)
         out.append(f.double())
-        masks.append(torch.stack([it["mask"][0] for it in items]))
+        masks.append(torch.stack([it.mask[0] for it in items]))
     return torch.cat(out), torch.cat(masks)
 
 
@@ -165,7 +165,7 @@ def run_hgad(data: Path, run_dir: Path, preset: str | None, overrides: dict[str,
     import hgad
     from hgad.config import DEFAULT_PRESET
     from hgad.data import discover
-    from hgad.inference import evaluate
+    from hgad.evaluation import evaluate
 
     preset = preset or DEFAULT_PRESET
     t0 = time.perf_counter()

@@ -51,7 +51,7 @@ def _encode_all(model, records, classes_known: bool, batch: int = 16) -> dict[st
     out: dict[str, Any] = {"x": [], "z": [], "logp": [], "classes": [], "masks": []}
     for start in range(0, len(ds), batch):
         items = [ds[i] for i in range(start, min(len(ds), start + batch))]
-        images = torch.stack([it["image"] for it in items])
+        images = torch.stack([it.image for it in items])
         feats = model.extract(images)
         known = torch.tensor([records[start + j].class_index for j in range(len(items))]) if classes_known else None
         lm = model.latent_maps(feats, known)
@@ -68,7 +68,7 @@ def _encode_all(model, records, classes_known: bool, batch: int = 16) -> dict[st
         out["z"].append(zs)
         out["logp"].append([m.cpu() for m in lm.logp])
         out["classes"].append(lm.classes.cpu())
-        out["masks"].append(torch.stack([it["mask"][0] for it in items]))
+        out["masks"].append(torch.stack([it.mask[0] for it in items]))
     return {"x": [torch.cat(v) for v in zip(*out["x"])], "z": [torch.cat(v) for v in zip(*out["z"])],
             "logp": [torch.cat(v) for v in zip(*out["logp"])], "classes": torch.cat(out["classes"]),
             "masks": torch.cat(out["masks"])}

@@ -33,9 +33,9 @@ from common import (
     spread,
     timed,
 )
+from hgad.api import Detector
 from hgad.config import preset
 from hgad.data import discover
-from hgad.inference import Detector
 from hgad.model import HGAD
 from hgad.training import FeatureStore, calibrate
 
@@ -67,7 +67,8 @@ def _stage_times(det: Detector, image: Image.Image, device: torch.device) -> dic
     with torch.no_grad():
         t_bb, feats = timed(lambda: model.extract(x), device)
         t_flow, lm = timed(lambda: model.latent_maps(feats, None), device)
-        t_maps, _ = timed(lambda: model.maps(lm, model.stored_stats(), clamp=True).cpu(), device)
+        t_maps, _ = timed(lambda: model.score_latent(lm, score=model.score_kind(), norm=model.deploy_norm()).maps.cpu(),
+                          device)
     return {"preprocess s": t_pre, "backbone s": t_bb, "flows+prior s": t_flow, "maps s": t_maps}
 
 

@@ -162,7 +162,7 @@ def compare(cfg: HGADConfig, data: str, device: torch.device, n_images: int | No
     labels = torch.tensor([r.class_index for r in records])
     model = HGAD(cfg, catalog.classes).to(device)
     dataset = ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm)
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    images = torch.stack([dataset[i].image for i in range(len(dataset))])
     initial = copy.deepcopy(model.state_dict())
     order = epoch_order(cfg.seed, 0, len(records))
     first = order[: cfg.batch_size]

@@ -233,7 +233,7 @@ def test_ablate_runs_every_rung_and_resumes(tiny_data, tmp_path, capsys, monkeyp
         raise AssertionError("a finished rung was recomputed")
 
     monkeypatch.setattr("hgad.training.fit", forbidden)
-    monkeypatch.setattr("hgad.inference.evaluate", forbidden)
+    monkeypatch.setattr("hgad.evaluation.evaluate", forbidden)
     capsys.readouterr()
     assert main(argv) == 0
     assert capsys.readouterr().out.count("skipped") == len(RUNGS)

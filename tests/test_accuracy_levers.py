@@ -155,7 +155,7 @@ def test_zscore_map_by_hand() -> None:
 
 
 def test_position_stats_by_hand() -> None:
-    from hgad.stats import compute_position_stats
+    from hgad.map_stats import compute_position_stats
 
     maps = [torch.tensor([[[1.0, 5.0]], [[3.0, 5.0]], [[10.0, 0.0]]])]  # 3 images of 1x2, classes 0, 0, 1
     [(mean, std)] = compute_position_stats(maps, torch.tensor([0, 0, 1]), 3)
@@ -167,7 +167,7 @@ def test_position_stats_by_hand() -> None:
 def test_zscore_run_scores_alone_as_in_a_batch_and_exports(tiny_data: Path, tmp_path: Path, capsys) -> None:
     from PIL import Image
 
-    from hgad.inference import Detector
+    from hgad.api import Detector
 
     run = tmp_path / "z"
     assert main(["train", "--data", f"mvtec:{tiny_data}", "--out", str(run), "--no-progress",
@@ -240,7 +240,7 @@ def test_latent_gauss_fits_the_latents_of_each_class() -> None:
 def test_mahalanobis_run_scores_alone_as_in_a_batch(tiny_data: Path, tmp_path: Path, capsys) -> None:
     from PIL import Image
 
-    from hgad.inference import Detector
+    from hgad.api import Detector
 
     run = tmp_path / "m"
     assert main(["train", "--data", f"mvtec:{tiny_data}", "--out", str(run), "--no-progress",

@@ -79,20 +79,20 @@ def test_dataset_items_and_mask_values(tmp_path: Path) -> None:
     good = [r for r in cat.test if r.label == 0][0]
     ds = ImageDataset([bad, good], img_size=32, mask_size=32, norm=IMAGENET_NORM)
     item = ds[0]
-    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
-    np.testing.assert_array_equal(item["mask"].numpy(), expected_box())
-    assert item["has_mask"] is True and item["label"] == 1 and item["index"] == 0
-    assert item["class_index"] == bad.class_index
+    assert item.image.shape == (3, 32, 32) and item.image.dtype == torch.float32
+    np.testing.assert_array_equal(item.mask.numpy(), expected_box())
+    assert item.has_mask is True and item.label == 1 and item.index == 0
+    assert item.class_index == bad.class_index
     item = ds[1]
-    assert item["mask"].shape == (1, 32, 32) and item["mask"].sum() == 0 and item["label"] == 0
+    assert item.mask.shape == (1, 32, 32) and item.mask.sum() == 0 and item.label == 0
     # nearest 32 -> 16 keeps source pixels 2i+1: rows 2..5, columns 4..9 of the box
-    small = ImageDataset([bad], img_size=16, mask_size=16, norm=IMAGENET_NORM)[0]["mask"].numpy()
+    small = ImageDataset([bad], img_size=16, mask_size=16, norm=IMAGENET_NORM)[0].mask.numpy()
     want = np.zeros((1, 16, 16), np.float32)
     want[0, 2:6, 4:10] = 1
     np.testing.assert_array_equal(small, want)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
-    assert batch["image"].shape == (2, 3, 32, 32) and batch["mask"].shape == (2, 1, 32, 32)
-    assert batch["label"].tolist() == [1, 0] and batch["has_mask"].tolist() == [True, True]
+    assert batch.image.shape == (2, 3, 32, 32) and batch.mask.shape == (2, 1, 32, 32)
+    assert batch.label.tolist() == [1, 0] and batch.has_mask.tolist() == [True, True]
 
 
 def test_btad_layout_with_bmp(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def test_folder_layout(tmp_path: Path) -> None:
     nut = [r for r in cat.test if r.class_name == "nuts"]
     assert [(r.label, r.mask_path, r.defect_type) for r in nut] == [(1, None, "abnormal")]
     item = ImageDataset(nut, 32, 8, IMAGENET_NORM)[0]
-    assert item["has_mask"] is False and item["mask"].sum() == 0 and item["mask"].shape == (1, 8, 8)
+    assert item.has_mask is False and item.mask.sum() == 0 and item.mask.shape == (1, 8, 8)
 
 
 def test_folder_mask_dir_requires_every_mask(tmp_path: Path) -> None:

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from hgad.api import Detector
 from hgad.checkpoint import load_model
 from hgad.cli import main
 from hgad.config import config_from_dict
 from hgad.errors import ConfigError
-from hgad.inference import Detector
 from hgad.model import HGAD
 
 onnx = pytest.importorskip("onnx")

@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from builders import make_mvtec
+from hgad.api import Detector
 from hgad.checkpoint import load_model
 from hgad.cli import main
 from hgad.data import discover
 from hgad.errors import ConfigError
-from hgad.inference import Detector, evaluate
+from hgad.evaluation import evaluate
 
 
 @pytest.fixture(scope="module")

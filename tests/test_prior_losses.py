@@ -21,20 +21,8 @@ from hgad.losses import (
     sq_distances,
 )
 from hgad.prior import HierarchicalPrior, init_main_centres
+from worked_example import D_INTRA, D_MAIN, DELTA, LABELS, LOGDET, MU, PI, W, Z
 
-# ---- a tiny hand-worked example: D = 2, Y = 2, K = 2, three vectors ---------------------------------
-Z = [[1.0, 0.5], [-1.0, 0.0], [0.0, 1.0]]
-LOGDET = [0.3, -0.2, 0.1]
-LABELS = [0, 1, 1]
-MU = [[1.0, 0.0], [0.0, 1.0]]
-PI = [0.25, 0.75]
-# squared distances |z_i - mu_y|^2, worked out by hand
-D_MAIN = [[0.25, 1.25], [4.0, 2.0], [2.0, 0.0]]
-# intra centres: c_{y,0} = mu_y, c_{y,1} = mu_y + delta_y
-DELTA = [[[1.0, 1.0]], [[-1.0, -2.0]]]  # -> c_{0,1} = (2, 1), c_{1,1} = (-1, -1)
-W = [[0.5, 0.5], [0.2, 0.8]]
-# |z_i - c_{y_i,k}|^2 for the vector's own class, by hand
-D_INTRA = [[0.25, 1.25], [2.0, 1.0], [0.0, 5.0]]
 LN2PI = math.log(2 * math.pi)
 
 

@@ -15,21 +15,20 @@ from hgad.scoring import (
     class_log_posterior,
     combine_scales,
     gaussian_blur,
+    gaussian_log_likelihood,
     image_scores,
     log_likelihood,
     neg_entropy,
 )
+from worked_example import CENTRES, D_INTRA, D_MAIN, LOGDET, MU, PI, W, Z
+from worked_example import LABELS as CLASSES
 
-# D = 2, two classes, two intra components (same example as tests/test_prior_losses.py)
-Z = [[1.0, 0.5], [-1.0, 0.0], [0.0, 1.0]]
-LOGDET = [0.3, -0.2, 0.1]
-CLASSES = [0, 1, 1]
-MU = [[1.0, 0.0], [0.0, 1.0]]
-PI = [0.25, 0.75]
-D_MAIN = [[0.25, 1.25], [4.0, 2.0], [2.0, 0.0]]  # |z_i - mu_y|^2 by hand
-CENTRES = [[[1.0, 0.0], [2.0, 1.0]], [[0.0, 1.0], [-1.0, -1.0]]]
-W = [[0.5, 0.5], [0.2, 0.8]]
-D_INTRA = [[0.25, 1.25], [2.0, 1.0], [0.0, 5.0]]  # |z_i - c_{y_i,k}|^2 by hand
+
+def test_gaussian_log_likelihood_by_hand() -> None:
+    out = gaussian_log_likelihood(torch.tensor(Z), torch.tensor(LOGDET))
+    expected = [(-2 * 0.5 * math.log(2 * math.pi) - 0.5 * (z[0] ** 2 + z[1] ** 2) + ld) / 2 for z, ld in zip(Z, LOGDET)]
+    assert out.shape == (3,)
+    assert out.tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_log_likelihood_by_hand() -> None:

@@ -175,6 +175,6 @@ def test_feature_store_matches_backbone(tiny_data: Path):
     model = HGAD(cfg, catalog.classes)
     store = FeatureStore(model, catalog.train, cfg, progress=False)
     idx = torch.tensor([3, 0])
-    direct = model.extract(torch.stack([store.dataset[3]["image"], store.dataset[0]["image"]]))
+    direct = model.extract(torch.stack([store.dataset[3].image, store.dataset[0].image]))
     for a, b in zip(store.get(idx), direct):
         assert torch.allclose(a, b, atol=1e-6)

@@ -14,31 +14,31 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from hgad.version import __version__
 
 __all__ = ["__version__", "train", "load", "Detector", "Prediction"]
 
 if TYPE_CHECKING:
-    from hgad.inference import Detector, Prediction
+    from hgad.api import Detector, Prediction
 
 
 def train(data: list[str], out: str, **kwargs: Any) -> Detector:
-    """Train a unified model; see :meth:`hgad.inference.Detector.fit`."""
-    from hgad.inference import Detector
+    """Train a unified model; see :meth:`hgad.api.Detector.fit`."""
+    from hgad.api import Detector
 
     return Detector.fit(data, out, **kwargs)
 
 
 def load(run_dir: str, device: str = "auto") -> Detector:
-    """Load a trained run folder; see :meth:`hgad.inference.Detector.load`."""
-    from hgad.inference import Detector
+    """Load a trained run folder; see :meth:`hgad.api.Detector.load`."""
+    from hgad.api import Detector
 
     return Detector.load(run_dir, device)
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import hgad` stays light for the CLI
     if name in ("Detector", "Prediction"):
-        from hgad import inference
+        from hgad import api
 
-        return getattr(inference, name)
+        return getattr(api, name)
     raise AttributeError(name)

@@ -14,7 +14,6 @@ the same way keeps the comparison about the prior and the losses alone.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import io
@@ -27,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hgad.cli import add_dataset_args, add_settings_args, check_writable, resolve_config
 from hgad.config import CHOICES, HGADConfig, config_from_dict
 from hgad.errors import ConfigError, InputError
+from hgad.report import percent
 
 if TYPE_CHECKING:
     from torch import nn
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
     from hgad.model import HGAD
 
 __all__ = ["Rung", "RUNGS", "LADDER_FLAGS", "PROTOCOL", "CLASS_SOURCE", "SCORES", "rung_config",
-           "run_ablation", "ablation_markdown", "add_parser", "COMMANDS"]
+           "run_ablation", "ablation_markdown"]
 
 PROTOCOL = "deploy"
 CLASS_SOURCE = "known"
@@ -218,12 +217,8 @@ def _train_summary(run_dir: Path) -> tuple[float | None, float | None]:
     return (None if seconds is None else float(seconds)), (None if accuracy is None else float(accuracy))
 
 
-def _fmt(v: float | None) -> str:
-    return "–" if v is None or math.isnan(v) else f"{100 * v:.1f}"
-
-
 def _summary(mean: dict[str, Any]) -> str:
-    return ", ".join(f"{_HEAD[k]} {_fmt(_num(mean.get(k)))}" for k in _METRICS)
+    return ", ".join(f"{_HEAD[k]} {percent(_num(mean.get(k)))}" for k in _METRICS)
 
 
 def _num(v: Any) -> float:
@@ -237,13 +232,9 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
     A rung whose folder already holds its model, metrics and vectors is read back, not recomputed; a
     rung interrupted during training resumes from its checkpoint. Returns the ``ablation.json`` payload.
     """
-    from hgad.checkpoint import MODEL_FILE, RESUME_FILE, load_model
     from hgad.data import discover
-    from hgad.inference import evaluate
+    from hgad.device import resolve_device
     from hgad.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-    from hgad.model import HGAD
-    from hgad.report import write_reports
-    from hgad.training import fit, resolve_device
 
     out = Path(out)
     data = [str(d) for d in data]
@@ -263,36 +254,13 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
         if skipped:
             log(f"{tag}: already done in {run_dir}, skipped")
         else:
-            if (run_dir / MODEL_FILE).is_file():
-                log(f"{tag}: trained model found in {run_dir}, testing it")
-                model = load_model(run_dir, device)
-                backbone = _share_backbone(model, backbone)
-            else:
-                resume = (run_dir / RESUME_FILE).is_file()
-                log(f"{tag}: {'resuming' if resume else 'training'} {rung.title} in {run_dir}")
-                model = HGAD(cfg, catalog.classes, backbone=backbone).to(device)
-                backbone = _share_backbone(model, backbone)
-                fit(model, catalog.train, run_dir, resume=resume, progress=progress, log=log,
-                    extra_config={"data": data})
-            t0 = time.perf_counter()
-            result = evaluate(model.eval(), catalog, protocol=PROTOCOL, class_source=CLASS_SOURCE,
-                              progress=progress, num_workers=cfg.num_workers)
-            write_reports(result, eval_dir, html=html, seconds=time.perf_counter() - t0)
-            _save_vectors(run_dir / HIST_FILE, result.histograms)
+            model, backbone = _train_and_test(rung, cfg, run_dir, catalog, data, device, backbone, tag,
+                                              progress=progress, html=html, log=log)
         metrics = _read_metrics(eval_dir / "metrics.json")
-        vec = _load_vectors(run_dir / HIST_FILE)
-        vectors[rung.name] = vec
-        row = {"name": rung.name, "folder": rung.folder, "title": rung.title,
-               "prior": cfg.prior, "use_mi": cfg.prior == "hgmm" and cfg.use_mi,
-               "use_entropy": cfg.prior == "hgmm" and cfg.use_entropy,
-               "n_intra": cfg.n_intra if cfg.prior == "hgmm" else None, "score": cfg.score,
-               "mean": metrics["mean"], "per_class": metrics["per_class"],
-               "vector_auroc": _vector_auroc(vec["normal"], vec["anomalous"]),
-               "n_vectors": {g: len(v) for g, v in vec.items()},
-               "skipped": skipped}
-        row["train_seconds"], row["train_class_accuracy"] = _train_summary(run_dir)
+        vectors[rung.name] = _load_vectors(run_dir / HIST_FILE)
+        row = _row(rung, cfg, run_dir, metrics, vectors[rung.name], skipped)
         rows.append(row)
-        log(f"{tag}: {_summary(row['mean'])}, vector AUROC {_fmt(row['vector_auroc'])}")
+        log(f"{tag}: {_summary(row['mean'])}, vector AUROC {percent(row['vector_auroc'])}")
         if rung is RUNGS[-1]:
             variants = _score_variants(run_dir, model, backbone, cfg, metrics, catalog, device, progress, log,
                                        tag)
@@ -305,6 +273,50 @@ def run_ablation(data: Sequence[str], out: Path, base: HGADConfig, *, classes: S
     return payload
 
 
+def _train_and_test(rung: Rung, cfg: HGADConfig, run_dir: Path, catalog, data: list[str], device,
+                    backbone: nn.Module | None, tag: str, *, progress: bool, html: bool,
+                    log: Callable[[str], None]) -> tuple[HGAD, nn.Module]:
+    """Train a rung (or resume it, or load its finished model), test it and keep its vectors; the model
+    and the shared backbone (made from this model's on first use)."""
+    from hgad.checkpoint import MODEL_FILE, RESUME_FILE, load_model
+    from hgad.evaluation import evaluate
+    from hgad.model import HGAD
+    from hgad.report import write_reports
+    from hgad.training import fit
+
+    if (run_dir / MODEL_FILE).is_file():
+        log(f"{tag}: trained model found in {run_dir}, testing it")
+        model = load_model(run_dir, device)
+        backbone = _share_backbone(model, backbone)
+    else:
+        resume = (run_dir / RESUME_FILE).is_file()
+        log(f"{tag}: {'resuming' if resume else 'training'} {rung.title} in {run_dir}")
+        model = HGAD(cfg, catalog.classes, backbone=backbone).to(device)
+        backbone = _share_backbone(model, backbone)
+        fit(model, catalog.train, run_dir, resume=resume, progress=progress, log=log, extra_config={"data": data})
+    t0 = time.perf_counter()
+    result = evaluate(model.eval(), catalog, protocol=PROTOCOL, class_source=CLASS_SOURCE, progress=progress,
+                      num_workers=cfg.num_workers)
+    write_reports(result, run_dir / EVAL_DIR, html=html, seconds=time.perf_counter() - t0)
+    _save_vectors(run_dir / HIST_FILE, result.histograms)
+    return model, backbone
+
+
+def _row(rung: Rung, cfg: HGADConfig, run_dir: Path, metrics: dict[str, Any], vec: dict[str, np.ndarray],
+         skipped: bool) -> dict[str, Any]:
+    """A rung's line of ablation.json: its switches, metrics, vector AUROC and training summary."""
+    row = {"name": rung.name, "folder": rung.folder, "title": rung.title,
+           "prior": cfg.prior, "use_mi": cfg.prior == "hgmm" and cfg.use_mi,
+           "use_entropy": cfg.prior == "hgmm" and cfg.use_entropy,
+           "n_intra": cfg.n_intra if cfg.prior == "hgmm" else None, "score": cfg.score,
+           "mean": metrics["mean"], "per_class": metrics["per_class"],
+           "vector_auroc": _vector_auroc(vec["normal"], vec["anomalous"]),
+           "n_vectors": {g: len(v) for g, v in vec.items()},
+           "skipped": skipped}
+    row["train_seconds"], row["train_class_accuracy"] = _train_summary(run_dir)
+    return row
+
+
 def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | None, cfg: HGADConfig, own: dict[str, Any],
                     catalog, device, progress: bool, log: Callable[[str], None], tag: str
                     ) -> dict[str, dict[str, Any]]:
@@ -314,7 +326,7 @@ def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | Non
     was skipped: then it is loaded once).
     """
     from hgad.checkpoint import load_model
-    from hgad.inference import evaluate
+    from hgad.evaluation import evaluate
     from hgad.report import write_reports
 
     found: dict[str, dict[str, Any]] = {}
@@ -376,20 +388,20 @@ def ablation_markdown(payload: dict[str, Any]) -> str:
         secs = "–" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
         prior = "N(0, I)" if r["prior"] == "gaussian" else "GMM"
         intra = "–" if r["n_intra"] is None else str(r["n_intra"])
-        metrics = " | ".join(_fmt(_num(r["mean"].get(k))) for k in _METRICS)
+        metrics = " | ".join(percent(_num(r["mean"].get(k))) for k in _METRICS)
         lines.append(f"| {i} | {r['name']} | {prior} | {_tick(r['use_mi'])} | {_tick(r['use_entropy'])} | {intra} "
-                     f"| {r['score']} | {metrics} | {_fmt(_num(r['vector_auroc']))} "
-                     f"| {_fmt(_num(r['train_class_accuracy']))} | {secs} |")
+                     f"| {r['score']} | {metrics} | {percent(_num(r['vector_auroc']))} "
+                     f"| {percent(_num(r['train_class_accuracy']))} | {secs} |")
     lines += ["", "Per-class image AUROC (%):", "",
               "| class | " + " | ".join(r["name"] for r in rows) + " |", "|---|" + "---:|" * len(rows)]
     for name in payload["classes"]:
-        cells = [_fmt(_num(r["per_class"].get(name, {}).get("image_auroc"))) for r in rows]
+        cells = [percent(_num(r["per_class"].get(name, {}).get("image_auroc"))) for r in rows]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if payload["score_variants"]:
         lines += ["", f"Full HGAD ({rows[-1]['name']}) re-scored with each pixel score (same weights):", "",
                   "| score | " + " | ".join(_HEAD[k] for k in _METRICS) + " |", "|---|" + "---:|" * len(_METRICS)]
         for score, mean in payload["score_variants"].items():
-            lines.append(f"| {score} | " + " | ".join(_fmt(_num(mean.get(k))) for k in _METRICS) + " |")
+            lines.append(f"| {score} | " + " | ".join(percent(_num(mean.get(k))) for k in _METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -415,8 +427,8 @@ def _figure_png(rows: list[dict[str, Any]], vectors: dict[str, dict[str, np.ndar
             if len(v):
                 ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, density=True, alpha=0.55, color=colour,
                         label=f"{group} ({len(v):,} vectors)")
-        ax.set_title(f"{row['title']}\nvector AUROC {_fmt(_num(row['vector_auroc']))} %, "
-                     f"image AUROC {_fmt(_num(row['mean'].get('image_auroc')))} %", fontsize=9)
+        ax.set_title(f"{row['title']}\nvector AUROC {percent(_num(row['vector_auroc']))} %, "
+                     f"image AUROC {percent(_num(row['mean'].get('image_auroc')))} %", fontsize=9)
         ax.set_xlabel("log-likelihood per dimension (finest scale)", fontsize=8)
         ax.set_ylabel("density", fontsize=8)
         ax.legend(fontsize=7)
@@ -425,41 +437,3 @@ def _figure_png(rows: list[dict[str, Any]], vectors: dict[str, dict[str, np.ndar
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """The ``hgad ablate`` sub-parser."""
-    p = subparsers.add_parser(
-        "ablate", help="train and test the component ladder (NF baseline -> full HGAD) on one dataset",
-        description="Train and test, with the same data, seed and schedule: 1 the unified NF baseline (single "
-        "N(0, I) prior), 2 + inter-class Gaussian mixture, 3 + mutual-information loss, 4 + entropy loss, 5 + "
-        "intra-class centres (full HGAD). Each rung is a run folder OUT/<n-name>/; finished rungs are skipped "
-        "when the command is run again. Scoring: deploy protocol, ground-truth class for every rung. Writes "
-        "OUT/ablation.md, ablation.json and ablation.png (log-likelihood histograms, baseline vs HGAD). The "
-        "ladder sets --prior, --mi and --entropy-loss itself, and --intra-centers 1 below the full rung.")
-    add_dataset_args(p, required=True,
-                     help="dataset as KIND:PATH (mvtec, visa, btad, mvtec3d, folder); repeat to use several")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="ablation folder (one run folder per rung)")
-    p.add_argument("--report", action="store_true", help="also write report.html for every rung's test")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_settings_args(p, "settings shared by every rung: fast (default) or paper")
-
-
-def cmd_ablate(args: argparse.Namespace) -> int:
-    """Run the ladder and print its table."""
-    given = [flag for name, flag in LADDER_FLAGS.items() if hasattr(args, name)]
-    if given:
-        raise ConfigError(given[0], "is set by the ablation ladder for each rung; leave it out")
-    base = resolve_config(args)
-    check_writable(args.out)
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    t0 = time.perf_counter()
-    payload = run_ablation(args.data, args.out, base, classes=classes, progress=not args.no_progress,
-                           html=args.report)
-    print(ablation_markdown(payload))
-    print(f"ablation finished in {time.perf_counter() - t0:.0f} s; written: "
-          + ", ".join(str(args.out / n) for n in ("ablation.md", "ablation.json", "ablation.png")))
-    return 0
-
-
-COMMANDS = {"ablate": cmd_ablate}

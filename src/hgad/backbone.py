@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from hgad.errors import ConfigError, InputError
+from hgad.errors import ConfigError, InputError, brief
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -135,7 +135,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, SafetensorError) as err:
-        raise InputError(path, f"cannot read weights: {_one_line(err)}") from None
+        raise InputError(path, f"cannot read weights: {brief(err, 200)}") from None
     except pickle.UnpicklingError as err:  # torch's own text advises unsafe loading, in terminal colours
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f" ({found.group(1)})" if found else ""
@@ -144,7 +144,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # any failure to unpickle user data is a bad file
         # weights_only refuses arbitrary globals with UnpicklingError; truncated or corrupt
         # archives fail with RuntimeError, EOFError, ValueError, ... depending on where they break.
-        raise InputError(path, f"not a loadable weights file: {_one_line(err)}") from None
+        raise InputError(path, f"not a loadable weights file: {brief(err, 200)}") from None
     while isinstance(obj, Mapping) and not _all_tensors(obj):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -170,11 +170,6 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 def _all_tensors(obj: Mapping) -> bool:
     return all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _rank(names: Sequence[str], name: str) -> int:
@@ -246,7 +241,7 @@ def _create(name: str, kind: str) -> nn.Module:
             return timm.create_model(name, pretrained=True)
         except Exception as err:  # network / hub failures come in many types
             raise ConfigError(
-                "--backbone-weights", f"could not fetch pretrained '{name}' from the hub: {_one_line(err)}"
+                "--backbone-weights", f"could not fetch pretrained '{name}' from the hub: {brief(err, 200)}"
             ) from None
     if kind == "none":
         return timm.create_model(name)

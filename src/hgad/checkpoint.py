@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from hgad import __version__
 from hgad.config import LEGACY_DEFAULTS, config_from_dict
-from hgad.errors import InputError
+from hgad.errors import InputError, brief
 from hgad.io import atomic_save_tensors, atomic_write_json
 from hgad.model import HGAD
+from hgad.version import __version__
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESUME_FILE", "save_run_config", "save_model", "load_model",
            "read_run_config", "read_tensors", "save_resume_state", "load_resume_state", "tensor_digest"]
@@ -38,6 +38,7 @@ def save_run_config(run_dir: Path, model: HGAD, extra: dict[str, Any] | None = N
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's config.json (settings, classes, data); a missing or foreign file is an InputError."""
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).is_dir():
         raise InputError(run_dir, "run folder does not exist")
@@ -96,7 +97,7 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if _looks_pickled(path):
             raise InputError(path, "refused: a pickle (torch.save) file, not safetensors; it was not loaded, "
                              "since unpickling can run code") from None
-        raise InputError(path, f"not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+        raise InputError(path, f"not a readable safetensors file ({brief(err)})") from None
     _verify(path, tensors, meta)
     return tensors, meta
 
@@ -109,6 +110,7 @@ def _looks_pickled(path: Path) -> bool:
 
 
 def save_model(run_dir: Path, model: HGAD) -> Path:
+    """Write the trained state (everything but the backbone) to ``run_dir/model.safetensors``, atomically."""
     path = Path(run_dir) / MODEL_FILE
     # one metadata key only: safetensors writes metadata in hash-map order, which varies between runs
     tensors = model.trainable_state()

@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from hgad.errors import ConfigError, InputError
+from hgad.errors import ConfigError, InputError, brief
 
 __all__ = ["HGADConfig", "PRESETS", "DEFAULT_PRESET", "LEGACY_DEFAULTS", "preset", "load_yaml", "config_from_dict",
-           "CHOICES", "FLAG_NAMES", "MAX_SIZE", "RESUME_MAY_CHANGE"]
+           "CHOICES", "FLAG_NAMES", "MAX_SIZE", "RESUME_MAY_CHANGE", "flag_of"]
 
 # friendlier flag names for the ablation switches (--no-mi, --no-entropy-loss, --intra-centers, ...)
 FLAG_NAMES = {"use_mi": "mi", "use_entropy": "entropy-loss", "n_intra": "intra-centers"}
@@ -112,19 +112,28 @@ class HGADConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work (before any heavy work starts)."""
+        self._check_sizes()
+        self._check_training()
+        self._check_features()
+
+    def _check_sizes(self) -> None:
+        """Choices, counts and sizes."""
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ConfigError(_flag(name), f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                raise ConfigError(flag_of(name), f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         positive = ("pyramid_levels", "img_size", "map_size", "n_blocks", "pos_dim", "n_intra", "meta_epochs",
                     "sub_epochs", "batch_size")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ConfigError(_flag(name), f"must be a positive integer, got {getattr(self, name)}")
+                raise ConfigError(flag_of(name), f"must be a positive integer, got {getattr(self, name)}")
         for name in ("img_size", "map_size"):
             if getattr(self, name) > MAX_SIZE:
-                raise ConfigError(_flag(name), f"must be at most {MAX_SIZE}, got {getattr(self, name)}")
+                raise ConfigError(flag_of(name), f"must be at most {MAX_SIZE}, got {getattr(self, name)}")
         if self.pos_dim % 4:
             raise ConfigError("--pos-dim", f"must be a multiple of 4, got {self.pos_dim}")
+
+    def _check_training(self) -> None:
+        """Schedule, loss weights and optimiser settings."""
         if self.stage1_epochs < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
             raise ConfigError("--stage1-epochs/--warmup-epochs/--num-workers", "must not be negative")
         if not self.lr > 0:
@@ -132,13 +141,16 @@ class HGADConfig:
         for name in ("lambda1", "lambda2", "weight_decay", "clamp", "blur_sigma"):
             value = getattr(self, name)
             if not (value >= 0 and value < 1e6):
-                raise ConfigError(_flag(name), f"must be in [0, 1e6), got {value}")
+                raise ConfigError(flag_of(name), f"must be in [0, 1e6), got {value}")
         if self.lambda1 == 0 and self.prior == "hgmm":
             raise ConfigError("--lambda1", "must be > 0: without the likelihood term the flow is not trained")
         if not 0 < self.beta1 < 1 or not 0 < self.beta2 < 1:
             raise ConfigError("--beta1/--beta2", "must be in (0, 1)")
         if not 0 < self.threshold_quantile <= 1:
             raise ConfigError("--threshold-quantile", f"must be in (0, 1], got {self.threshold_quantile}")
+
+    def _check_features(self) -> None:
+        """Backbone taps; a single-Gaussian prior scores with the log-likelihood alone."""
         if not self.taps or any(t < 0 for t in self.taps):
             raise ConfigError("--taps", f"need one or more non-negative indices, got {self.taps}")
         if self.feature_mode == "pyramid" and len(self.taps) != 1:
@@ -155,18 +167,22 @@ class HGADConfig:
 
     @property
     def n_scales(self) -> int:
+        """Number of feature scales (one flow and one prior each)."""
         return self.pyramid_levels if self.feature_mode == "pyramid" else len(self.taps)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-able values (as stored in config.json)."""
         d = dataclasses.asdict(self)
         d["taps"] = list(self.taps)
         return d
 
     def to_json(self) -> str:
+        """The settings as sorted, indented JSON."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def _flag(name: str) -> str:
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field (``n_intra`` -> ``--intra-centers``)."""
     return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
 
 
@@ -307,7 +323,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise InputError(p, f"not valid YAML: {str(err).splitlines()[0]}") from None
+        raise InputError(p, f"not valid YAML: {brief(err, 300)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

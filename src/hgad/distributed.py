@@ -24,14 +24,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from hgad.device import env_int, env_world_size
 from hgad.errors import ConfigError
 
 if TYPE_CHECKING:
     from hgad.model import HGAD
 
-__all__ = ["DistContext", "env_world_size", "cuda_device", "init", "context", "check_batch_size",
+__all__ = ["DistContext", "init", "context", "check_batch_size",
            "rank_slice", "shard_batches", "stage_parameters", "wrap_loss", "all_reduce_mean", "count_true",
-           "merge_disjoint_", "all_gather_list"]
+           "merge_disjoint_", "all_gather_list", "silent"]
 
 _CHUNK_BYTES = 1 << 28  # cached features cross the wire in 256 MiB pieces (bounded GPU staging memory)
 
@@ -50,41 +51,15 @@ class DistContext:
         return self.rank == 0
 
     def barrier(self) -> None:
+        """Wait until every rank gets here."""
         if self.device.type == "cuda":
             dist.barrier(device_ids=[self.device.index])
         else:
             dist.barrier()
 
 
-def _env_int(name: str, default: int | None = None) -> int:
-    text = os.environ.get(name)
-    if text is None:
-        if default is None:
-            raise ConfigError(name, "environment variable missing: WORLD_SIZE is set, so hgad expects to be "
-                                    "launched by torchrun, which sets RANK, LOCAL_RANK, MASTER_ADDR and "
-                                    "MASTER_PORT")
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(name, f"environment variable is not an integer: {text!r}") from None
-
-
-def env_world_size() -> int:
-    """Number of processes ``torchrun`` started (1 without torchrun)."""
-    return _env_int("WORLD_SIZE", 1)
-
-
-def cuda_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` under a multi-process ``torchrun``, else the current CUDA device."""
-    if env_world_size() <= 1:
-        return torch.device("cuda")
-    local = _env_int("LOCAL_RANK")
-    count = torch.cuda.device_count()
-    if not 0 <= local < count:
-        raise ConfigError("--nproc-per-node", f"process with LOCAL_RANK {local} has no GPU: {count} visible "
-                                              "(start at most one process per GPU)")
-    return torch.device("cuda", local)
+def silent(*_args: object) -> None:
+    """``print`` / ``log`` of torchrun ranks other than 0: they say nothing."""
 
 
 def init(device: torch.device) -> DistContext | None:
@@ -94,7 +69,7 @@ def init(device: torch.device) -> DistContext | None:
     if not dist.is_available():
         raise ConfigError("torchrun", "this torch build has no torch.distributed support")
     for name in ("RANK", "LOCAL_RANK", "MASTER_PORT"):
-        _env_int(name)
+        env_int(name)
     if not os.environ.get("MASTER_ADDR"):
         raise ConfigError("MASTER_ADDR", "environment variable missing: launch with torchrun")
     if not dist.is_initialized():

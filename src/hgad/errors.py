@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["HgadError", "InputError", "ConfigError", "TrainingError"]
+__all__ = ["HgadError", "InputError", "ConfigError", "TrainingError", "brief"]
 
 _WORKER_MARK = "in DataLoader worker process"
+
+
+def brief(err: BaseException, limit: int = 120) -> str:
+    """A foreign exception as a short clause of a one-line message: its first non-blank line (or its
+    type when it says nothing), cut to ``limit`` characters."""
+    lines = [" ".join(ln.split()) for ln in str(err).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _worker_line(text: str) -> str | None:

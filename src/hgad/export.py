@@ -10,7 +10,6 @@ PyTorch on a random batch before the file is written. ``onnx`` and ``onnxruntime
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import io
 import json
@@ -27,23 +26,17 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from hgad import __version__
+from hgad.api import Prediction, check_threshold_arg, to_predictions
 from hgad.data import IMAGENET_NORM, Norm, preprocess
-from hgad.errors import ConfigError, InputError
-from hgad.inference import Prediction
+from hgad.errors import ConfigError, InputError, brief
 from hgad.model import HGAD
-from hgad.scoring import image_scores
+from hgad.onnx_spec import DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, META_KEY, MIN_OPSET, OUTPUT_NAMES
+from hgad.version import __version__
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAMES", "DEFAULT_OPSET", "InferenceGraph", "ExportCheck", "export_onnx",
-           "OnnxDetector", "add_parser", "run_export", "COMMANDS"]
+           "OnnxDetector"]
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("anomaly_map", "score", "class_index", "class_confidence")
-DEFAULT_OPSET = 17
-_MIN_OPSET = 13  # per-image reductions and gathers as used here need opset 13 operator forms
-_MAX_OPSET = 20  # the last opset of torch's TorchScript-based exporter
 _CHECK_TOLERANCE = 1e-3  # relative to max(1, |output|): more disagreement with PyTorch is a bug, never written
-_META_KEY = "hgad_version"  # present in every graph this module writes
 _PREPROCESSING = ("RGB; shorter side resized to img_size (Lanczos) then centre-cropped; /255; "
                   "minus input_mean, divided by input_std (per channel); NCHW float32")
 
@@ -60,7 +53,7 @@ def _require(module: str, option: str) -> ModuleType:
 class InferenceGraph(nn.Module):
     """``images (B,3,S,S)`` -> ``maps (B,M,M)``, ``scores (B,)``, ``classes (B,)``, ``confidences (B,)``.
 
-    Exactly what :meth:`hgad.inference.Detector.predict` computes with the class inferred: latent maps
+    Exactly what :meth:`hgad.api.Detector.predict` computes with the class inferred: latent maps
     under the class of highest image-mean posterior, normalised by the stored deploy statistics.
     The confidence is that class's posterior (NaN for a single-Gaussian prior); classes are int64.
     """
@@ -68,18 +61,13 @@ class InferenceGraph(nn.Module):
     def __init__(self, model: HGAD) -> None:
         super().__init__()
         self.model = model.eval()
+        self.score = model.score_kind()  # the run's pixel score, fixed in the graph
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The deploy path of :meth:`hgad.model.HGAD.score`, flattened into the graph's four outputs."""
         model = self.model
-        lm = model.latent_maps(model.extract(images), None)
-        maps = model.deploy_maps(lm)
-        scores = image_scores(maps)
-        classes = lm.classes.long()
-        if lm.posterior is None:
-            confidences = torch.full_like(scores, float("nan"))
-        else:
-            confidences = lm.posterior.gather(1, classes[:, None])[:, 0]
-        return maps, scores, classes, confidences
+        scored = model.score(model.extract(images), score=self.score, norm=model.deploy_norm())
+        return scored.maps, scored.scores, scored.classes, scored.confidence
 
 
 @dataclass
@@ -95,7 +83,7 @@ class ExportCheck:
 def _metadata(model: HGAD) -> dict[str, str]:
     thresholds = [float(t) if math.isfinite(float(t)) else None for t in model.threshold.tolist()]
     return {
-        _META_KEY: __version__,
+        META_KEY: __version__,
         "class_names": json.dumps(model.class_names),
         "thresholds": json.dumps(thresholds),  # null: no threshold (never anomalous)
         "img_size": str(model.cfg.img_size),
@@ -154,9 +142,9 @@ def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, see
     if not bool(model.calibrated):
         raise ConfigError("model", "has no deploy statistics (training did not finish calibration); "
                                    "nothing to export")
-    max_opset = min(_MAX_OPSET, int(onnx.defs.onnx_opset_version()))
-    if not _MIN_OPSET <= opset <= max_opset:
-        raise ConfigError("--opset", f"must be in {_MIN_OPSET}..{max_opset}, got {opset}")
+    max_opset = min(MAX_OPSET, int(onnx.defs.onnx_opset_version()))
+    if not MIN_OPSET <= opset <= max_opset:
+        raise ConfigError("--opset", f"must be in {MIN_OPSET}..{max_opset}, got {opset}")
     model = model.to("cpu").eval()
     graph = InferenceGraph(model)
     size = model.cfg.img_size
@@ -164,7 +152,7 @@ def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, see
     try:
         data = _trace(graph, torch.randn(1, 3, size, size, generator=gen), opset)
     except torch.onnx.errors.UnsupportedOperatorError as err:
-        problem = str(err).splitlines()[0]
+        problem = brief(err, 300)
         raise ConfigError("--opset", f"{opset} cannot express the model: {problem}") from None
     proto = onnx.load_from_string(data)
     for key, value in _metadata(model).items():
@@ -177,7 +165,7 @@ def export_onnx(model: HGAD, out: str | Path, *, opset: int = DEFAULT_OPSET, see
     batch = torch.randn(2, 3, size, size, generator=gen)
     with torch.no_grad():
         ref = graph(batch)
-    from hgad.inference import check_finite_maps, check_threshold
+    from hgad.scoring import check_finite_maps, check_threshold
 
     check_finite_maps(ref[0], "model", "a random batch; nothing exported")
     for name, thr in zip(model.class_names, model.threshold.tolist()):
@@ -206,7 +194,7 @@ def _providers(ort: ModuleType, device: str) -> list[str]:
 
 
 class OnnxDetector:
-    """An exported graph run with onnxruntime; same ``predict`` as :class:`hgad.inference.Detector`."""
+    """An exported graph run with onnxruntime; same ``predict`` as :class:`hgad.api.Detector`."""
 
     def __init__(self, session: Any, class_names: list[str], thresholds: list[float], img_size: int,
                  map_size: int, source: str = "model", norm: Norm = IMAGENET_NORM) -> None:
@@ -231,11 +219,11 @@ class OnnxDetector:
         except ConfigError:
             raise
         except Exception as err:  # onnxruntime reports bad files with several exception types
-            raise InputError(path, f"not a readable ONNX model ({str(err).splitlines()[0][:120]})") from None
+            raise InputError(path, f"not a readable ONNX model ({brief(err)})") from None
         meta = session.get_modelmeta().custom_metadata_map
         try:
-            if _META_KEY not in meta:
-                raise KeyError(_META_KEY)
+            if META_KEY not in meta:
+                raise KeyError(META_KEY)
             names = list(json.loads(meta["class_names"]))
             thresholds = [math.inf if t is None else float(t) for t in json.loads(meta["thresholds"])]
             img_size, map_size = int(meta["img_size"]), int(meta["map_size"])
@@ -254,9 +242,11 @@ class OnnxDetector:
 
     @property
     def class_names(self) -> list[str]:
+        """Names of the classes stored in the graph's metadata, in index order."""
         return self._class_names
 
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
+        """A PIL image as the graph's (3, S, S) input; a tensor must already have that shape."""
         if isinstance(image, Image.Image):
             return preprocess(image, self.img_size, self.norm)
         if image.dim() != 3 or tuple(image.shape) != (3, self.img_size, self.img_size):
@@ -273,66 +263,8 @@ class OnnxDetector:
                                          "(it always infers the class); score with the run instead")
         if isinstance(images, Image.Image) or (isinstance(images, Tensor) and images.dim() != 4):
             images = [images]
-        from hgad.inference import check_finite_maps, check_threshold
-
-        if threshold is not None and not math.isfinite(threshold):
-            raise ConfigError("--threshold", f"must be a finite number, got {threshold}")
+        check_threshold_arg(threshold)
         batch = torch.stack([self.preprocess(im) for im in images]).float().cpu().numpy()
         maps, scores, classes, conf = self.session.run(None, {INPUT_NAME: batch})
-        check_finite_maps(maps, str(self.source))
-        out = []
-        for i in range(len(batch)):
-            c = int(classes[i])
-            thr = self.thresholds[c] if threshold is None else threshold
-            check_threshold(thr, self._class_names[c], str(self.source))
-            score = float(scores[i])
-            out.append(Prediction(score=score, anomaly_map=maps[i], class_index=c,
-                                  class_name=self._class_names[c], class_confidence=float(conf[i]),
-                                  threshold=thr, is_anomalous=score > thr))
-        return out
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export", help="export a run's inference path (ONNX) for onnxruntime",
-        description="Export the whole deploy-protocol inference path of a run (preprocessed image batch -> "
-        "anomaly map, image score, inferred class, class confidence) as one ONNX graph with a dynamic batch "
-        "and the training statistics built in. Class names, thresholds, img_size and map_size are stored in "
-        "the model's metadata. The export is checked with onnxruntime on a random batch before it is "
-        "written. "
-        "Needs: pip install 'hgad[onnx]'. Run it with: hgad predict RUN_DIR PATH --onnx FILE.")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="trained run folder")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx)")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write (atomically)")
-    from hgad.cli import add_weights_arg
-
-    add_weights_arg(p)
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset version, {_MIN_OPSET} to {_MAX_OPSET} (default: {DEFAULT_OPSET})")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    from hgad.checkpoint import load_model
-    from hgad.cli import check_writable
-
-    if args.out.is_dir():
-        raise InputError(args.out, "is a folder; --out names the file to write")
-    check_writable(args.out.parent)
-    model = load_model(args.run_dir, "cpu", **({"backbone_weights": args.backbone_weights}
-                                               if args.backbone_weights else {}))
-    try:
-        check = export_onnx(model, args.out, opset=args.opset)
-    except InputError as err:
-        if err.path != "model":
-            raise
-        from hgad.checkpoint import MODEL_FILE
-
-        raise InputError(Path(args.run_dir) / MODEL_FILE, err.problem) from None
-    print(f"onnxruntime check on a random batch of {check.n_images}: classes agree {check.classes_agree}/"
-          f"{check.n_images}, max relative diff {check.max_diff:.3g} (maps, scores, confidences)")
-    print(f"exported {args.run_dir} ({len(model.class_names)} classes, img_size {model.cfg.img_size}, "
-          f"{check.n_nodes} nodes, opset {args.opset}) to {args.out}")
-    return 0
-
-
-COMMANDS = {"export": run_export}
+        return to_predictions(maps, scores, classes, conf, self._class_names, self.thresholds, threshold,
+                              str(self.source))

@@ -23,7 +23,7 @@ from hgad.errors import InputError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_save_tensors", "write_error", "in_final_place", "is_hgad_temporary", "whole_folder",
-           "folder_beside", "replace_folder", "FolderLock"]
+           "folder_beside", "replace_folder", "FolderLock", "check_writable", "check_output_folder"]
 
 
 def write_error(path: str | os.PathLike[str], err: OSError) -> InputError:
@@ -65,15 +65,18 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """UTF-8 :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Sorted, indented JSON written with :func:`atomic_write_text`."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
@@ -162,6 +165,7 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        """Take the lock, or raise InputError at once when another process holds it."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
@@ -195,6 +199,7 @@ class FolderLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Give the lock back (a no-op when it is not held)."""
         if self._fd is None:
             return
         try:
@@ -210,3 +215,30 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """InputError unless ``folder`` is, or can be created as, a folder we can write in (creates nothing)."""
+    probe = Path(folder)
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(probe, "is a file, not a folder" if probe == Path(folder)
+                         else "is a file, cannot create the output folder in it")
+    try:  # a real write (an unnamed temporary file): permission bits say nothing for root or /proc
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise InputError(probe, f"output folder is not writable ({err.strerror or type(err).__name__})") from None
+
+
+def check_output_folder(out: str | os.PathLike[str], known: frozenset[str], what: str) -> None:
+    """An existing output folder is replaced only when it is empty or holds nothing but ``known`` entries
+    (what hgad writes there, and hidden temporary files): never a folder of the user's."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for entry in sorted(out.iterdir()):
+        if entry.name not in known and not is_hgad_temporary(entry.name):
+            raise InputError(out, f"exists and is not a {what} folder (it holds {entry.name!r}); it would be "
+                                  "replaced as a whole: choose another --out or empty it")

@@ -8,7 +8,6 @@ never computed, so they cannot contribute gradients.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hgad.errors import ConfigError
-from hgad.prior import HierarchicalPrior
+from hgad.prior import HALF_LOG_2PI, HierarchicalPrior
 
 __all__ = [
     "sq_distances",
@@ -31,7 +30,6 @@ __all__ = [
     "hgad_loss",
 ]
 
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def sq_distances(z: Tensor, centres: Tensor) -> Tensor:
@@ -79,7 +77,7 @@ def _loss_intra(log_mix: Tensor, logdet: Tensor, dim: int) -> Tensor:
 
 
 def _loss_z(log_mix: Tensor, logdet: Tensor, dim: int) -> Tensor:
-    logp = (-dim * _HALF_LOG_2PI + log_mix + logdet) / dim
+    logp = (-dim * HALF_LOG_2PI + log_mix + logdet) / dim
     return (-F.logsigmoid(logp)).mean()
 
 
@@ -129,7 +127,7 @@ def loss_gaussian(z: Tensor, logdet: Tensor) -> Tensor:
     """Single ``N(0, I)`` prior (CFLOW-style baseline): mean of ``[D ln(2 pi)/2 + |z|^2/2 - logdet] / D``."""
     z = z.float()
     dim = z.shape[1]
-    return ((dim * _HALF_LOG_2PI + 0.5 * (z * z).sum(1) - logdet.float()) / dim).mean()
+    return ((dim * HALF_LOG_2PI + 0.5 * (z * z).sum(1) - logdet.float()) / dim).mean()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The HGAD torch model: frozen backbone, one conditional flow and one prior per scale.
 
-Kept apart from training (``hgad.training``) and from dataset-level evaluation (``hgad.inference``):
+Kept apart from training (``hgad.training``) and from dataset-level evaluation (``hgad.evaluation``):
 this module turns images or cached features into latent vectors, losses and per-scale maps, and holds
 the deploy-protocol statistics that make single-image scoring possible.
 """
@@ -8,7 +8,6 @@ the deploy-protocol statistics that make single-image scoring possible.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,24 +20,22 @@ from hgad.data import IMAGENET_NORM
 from hgad.errors import ConfigError
 from hgad.flow import ConditionalFlow, positional_encoding_2d
 from hgad.losses import LossConfig, hgad_loss
+from hgad.map_stats import SCORE_PARTS, MapStats, Normalisation, PositionStats
 from hgad.prior import HierarchicalPrior
 from hgad.scoring import (
-    anomaly_map,
     class_log_posterior,
     fit_class_gaussians,
+    gaussian_log_likelihood,
+    image_scores,
     log_likelihood,
     mahalanobis,
     neg_entropy,
-    zscore_map,
 )
-from hgad.stats import MapStats
 
-__all__ = ["HGAD", "LatentMaps"]
+__all__ = ["HGAD", "LatentMaps", "ScoredBatch"]
 
 _WHITEN_EPS = 0.01  # ridge on the feature covariance before whitening (features have variances ~0.1-1)
 _LATENT_RIDGE = 0.01  # ridge on each class's latent covariance (latents have variances ~1)
-# pixel score -> the LatentMaps fields it sums (as z maps) under the zscore deploy normalisation
-_ZSCORE_MAPS = {"logp": ("logp",), "entropy": ("ent",), "product": ("logp", "ent"), "mahalanobis": ("maha",)}
 
 
 @dataclass
@@ -60,6 +57,17 @@ class LatentMaps:
         return LatentMaps(logp=move(self.logp), ent=move(self.ent),
                           posterior=None if self.posterior is None else self.posterior.to(device),
                           classes=self.classes.to(device), class_maps=move(self.class_maps), maha=move(self.maha))
+
+
+@dataclass
+class ScoredBatch:
+    """Scores of a batch of images: what every scorer (Detector, evaluate, ONNX, calibrate) reads."""
+
+    maps: Tensor  # (B, M, M) anomaly maps
+    scores: Tensor  # (B,) image scores: the maximum of each map
+    classes: Tensor  # (B,) int64 class whose model scored each image
+    posterior: Tensor | None  # (B, Y) image-mean class posterior (None for a single-Gaussian prior)
+    confidence: Tensor  # (B,) posterior of the scoring class (NaN without a posterior)
 
 
 class HGAD(nn.Module):
@@ -113,13 +121,16 @@ class HGAD(nn.Module):
     # ---- parameters and state -------------------------------------------------------------
     @property
     def n_classes(self) -> int:
+        """Number of classes of the unified model."""
         return len(self.class_names)
 
     @property
     def device(self) -> torch.device:
+        """Where the model's state lives."""
         return self.logp_max.device
 
     def train(self, mode: bool = True) -> HGAD:
+        """Train mode for flows and prior; the frozen backbone always stays in eval mode."""
         super().train(mode)
         self.backbone.train(False)  # frozen: batch-norm statistics never move
         return self
@@ -137,6 +148,7 @@ class HGAD(nn.Module):
         return groups
 
     def flow_parameter_counts(self) -> list[int]:
+        """Trainable parameters of each scale's flow."""
         return [sum(p.numel() for p in f.parameters() if p.requires_grad) for f in self.flows]
 
     # ---- features to vectors ----------------------------------------------------------------
@@ -226,11 +238,7 @@ class HGAD(nn.Module):
         zs = [self.encode(f, lvl) for lvl, f in enumerate(feats)]
         shapes = [f.shape[2:] for f in feats]
         if self.priors is None:
-            logp = []
-            for (z, logdet), (h, w) in zip(zs, shapes):
-                d = z.shape[1]
-                lp = (-0.5 * d * math.log(2 * math.pi) - 0.5 * z.pow(2).sum(1) + logdet) / d
-                logp.append(lp.view(b, h, w))
+            logp = [gaussian_log_likelihood(z, logdet).view(b, h, w) for (z, logdet), (h, w) in zip(zs, shapes)]
             cls = (classes if classes is not None else torch.zeros(b, dtype=torch.long)).to(self.device).long()
             return LatentMaps(logp=logp, ent=None, posterior=None, classes=cls, maha=self._maha(zs, shapes, cls))
         post = torch.zeros(b, self.n_classes, device=self.device)
@@ -294,11 +302,8 @@ class HGAD(nn.Module):
             getattr(self, f"lat_mean{lvl}").copy_(mean)
             getattr(self, f"lat_root{lvl}").copy_(root)
 
-    def stored_stats(self) -> tuple[MapStats, MapStats]:
-        """Deploy-protocol statistics (logp, entropy) stored in the model."""
-        return (MapStats(self.logp_max, self.logp_smax), MapStats(self.ent_max, self.ent_smax))
-
     def set_stats(self, logp: MapStats, ent: MapStats | None) -> None:
+        """Store the deploy-protocol max statistics and mark the model calibrated."""
         self.logp_max.copy_(logp.scale_max)
         self.logp_smax.copy_(logp.s_max)
         if ent is not None:
@@ -307,35 +312,31 @@ class HGAD(nn.Module):
         self.calibrated.fill_(True)
 
     def set_position_stats(self, kind: str, stats: list[tuple[Tensor, Tensor]]) -> None:
-        """Store per-position statistics (see :func:`hgad.stats.compute_position_stats`) of ``logp`` or ``ent``."""
+        """Store per-position statistics (see :func:`hgad.map_stats.compute_position_stats`) of ``logp`` or ``ent``."""
         for lvl, (mean, std) in enumerate(stats):
             getattr(self, f"z_{kind}_mean{lvl}").copy_(mean)
             getattr(self, f"z_{kind}_std{lvl}").copy_(std)
 
-    def deploy_maps(self, lm: LatentMaps, score: str | None = None) -> Tensor:
-        """Anomaly maps (B, M, M) under the deploy protocol: the statistics stored at training, each image
-        normalised by its own class's rows only (``score_norm`` chooses the release's max normalisation
-        or per-position z-scores; ``score`` overrides the configured pixel score)."""
-        if self.cfg.score_norm != "zscore":
-            return self.maps(lm, self.stored_stats(), clamp=True, score=score)
-        maps = _ZSCORE_MAPS[self.score_kind(score)]
-        cls = lm.classes.to(self.device).long()
-        total: Tensor | None = None
-        for name in maps:  # with zscore, "product" is the sum of the two z maps
-            levels = getattr(lm, name)
-            means = [getattr(self, f"z_{name}_mean{lvl}")[cls] for lvl in range(len(levels))]
-            stds = [getattr(self, f"z_{name}_std{lvl}")[cls] for lvl in range(len(levels))]
-            part = zscore_map(levels, means, stds, self.cfg.map_size, self.cfg.blur_sigma)
-            total = part if total is None else total + part
-        return total
+    def deploy_norm(self) -> Normalisation:
+        """The deploy protocol's normalisation: the statistics stored at training (``score_norm`` says which)."""
+        if self.cfg.score_norm == "zscore":
+            def positions(kind: str) -> PositionStats:
+                n = len(self.flows)
+                return PositionStats([getattr(self, f"z_{kind}_mean{lvl}") for lvl in range(n)],
+                                     [getattr(self, f"z_{kind}_std{lvl}") for lvl in range(n)])
+
+            return Normalisation(positions("logp"), positions("ent"),
+                                 maha=positions("maha") if self.cfg.latent_gauss else None)
+        return Normalisation(MapStats(self.logp_max, self.logp_smax), MapStats(self.ent_max, self.ent_smax),
+                             clamp=True)
 
     def score_kind(self, score: str | None = None) -> str:
         """The pixel score used: ``score`` or the configured one, with ``product`` falling back to ``logp``
         when the entropy map carries nothing (one class: the class posterior is certain everywhere, so its
         entropy is identically zero; a single-Gaussian prior has no posterior at all)."""
         kind = score or self.cfg.score
-        if kind not in _ZSCORE_MAPS:
-            raise ConfigError("--score", f"must be one of {', '.join(_ZSCORE_MAPS)}; got {kind!r}")
+        if kind not in SCORE_PARTS:
+            raise ConfigError("--score", f"must be one of {', '.join(SCORE_PARTS)}; got {kind!r}")
         if kind == "mahalanobis":
             if not self.cfg.latent_gauss:
                 raise ConfigError("--score", "mahalanobis needs a model trained with --latent-gauss")
@@ -346,29 +347,24 @@ class HGAD(nn.Module):
             return "logp"
         return kind
 
-    def maps(self, lm: LatentMaps, stats: tuple[MapStats, MapStats | None], *, clamp: bool,
-             stat_classes: Tensor | None = None, score: str | None = None) -> Tensor:
-        """Final anomaly maps (B, M, M) from latent maps and normalisation statistics (docs/method.md, "Scoring").
+    @torch.no_grad()
+    def score(self, feats: list[Tensor], *, score: str, norm: Normalisation, classes: Tensor | None = None
+              ) -> ScoredBatch:
+        """Features to anomaly maps, image scores, class and posterior: the one scoring path (docs/method.md,
+        "Scoring"). ``classes`` fixes the class of each image (else inferred, see :meth:`latent_maps`)."""
+        return self.score_latent(self.latent_maps(feats, classes), score=score, norm=norm)
 
-        Statistics rows are those of ``stat_classes`` (default: the classes that scored the images);
-        ``score`` overrides the configured pixel score (see :meth:`score_kind`).
-        """
-        cfg = self.cfg
+    def score_latent(self, lm: LatentMaps, *, score: str, norm: Normalisation,
+                     stat_classes: Tensor | None = None) -> ScoredBatch:
+        """:class:`ScoredBatch` of latent maps normalised by ``norm`` (rows of ``stat_classes``, default: the
+        classes that scored the images) with pixel score ``score`` (see :meth:`score_kind`)."""
         kind = self.score_kind(score)
-        if kind == "mahalanobis":
-            raise ConfigError("--score", "mahalanobis is scored with per-position statistics (--score-norm zscore, "
-                              "deploy protocol) only")
         rows = lm.classes if stat_classes is None else stat_classes
-        parts = []
-        if kind in ("product", "logp"):
-            mx, smax = stats[0].for_images(rows)
-            parts.append(anomaly_map([m.float() for m in lm.logp], mx.to(self.device), smax.to(self.device),
-                                     cfg.map_size, cfg.blur_sigma, clamp))
-        if kind in ("product", "entropy") and lm.ent is not None and stats[1] is not None:
-            mx, smax = stats[1].for_images(rows)
-            parts.append(anomaly_map([m.float() for m in lm.ent], mx.to(self.device), smax.to(self.device),
-                                     cfg.map_size, cfg.blur_sigma, clamp))
-        out = parts[0]
-        for p in parts[1:]:
-            out = out * p
-        return out
+        maps = norm.maps({"logp": lm.logp, "ent": lm.ent, "maha": lm.maha}, kind, rows, self.cfg.map_size, self.cfg.blur_sigma)
+        scores = image_scores(maps)
+        classes = lm.classes.long()
+        if lm.posterior is None:
+            confidence = torch.full_like(scores, float("nan"))
+        else:
+            confidence = lm.posterior.gather(1, classes[:, None])[:, 0]
+        return ScoredBatch(maps=maps, scores=scores, classes=classes, posterior=lm.posterior, confidence=confidence)

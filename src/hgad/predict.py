@@ -14,14 +14,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hgad.data import list_image_files
+from hgad.api import Detector, Prediction
+from hgad.data import list_image_files, open_image
 from hgad.errors import ConfigError, InputError
-from hgad.inference import Detector, Prediction
-from hgad.io import atomic_write_bytes, atomic_write_text
+from hgad.io import atomic_write_bytes, atomic_write_text, check_output_folder
 from hgad.report import overlay
 
-__all__ = ["predict_paths", "map_png16", "SCORES_FILE", "PredictSummary", "check_output_folder",
-           "OUTPUT_ENTRIES"]
+__all__ = ["predict_paths", "map_png16", "SCORES_FILE", "PredictSummary", "OUTPUT_ENTRIES"]
 
 SCORES_FILE = "scores.csv"
 
@@ -80,12 +79,6 @@ def _inside(path: Path, folder: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _open(path: Path) -> Image.Image:
-    from hgad.data import _open as open_image  # regular files only, pixel limit, one-line errors
-
-    return open_image(path)
 
 
 def _write_outputs(out: Path, stem: str, image: Image.Image, pred: Prediction, map_format: str,
@@ -158,20 +151,6 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
     return summary
 
 
-def check_output_folder(out: Path, known: frozenset[str], what: str) -> None:
-    """An existing output folder is replaced only when it is empty or holds nothing but ``known`` entries
-    (what hgad writes there, and hidden temporary files): never a folder of the user's."""
-    from hgad.io import is_hgad_temporary
-
-    out = Path(out)
-    if not out.is_dir():
-        return
-    for entry in sorted(out.iterdir()):
-        if entry.name not in known and not is_hgad_temporary(entry.name):
-            raise InputError(out, f"exists and is not a {what} folder (it holds {entry.name!r}); it would be "
-                                  "replaced as a whole: choose another --out or empty it")
-
-
 def _score_all(detector, files: list[tuple[Path, str]], out: Path, *, threshold: float | None,
                class_name: str | None, map_format: str, batch_size: int, progress: bool
                ) -> tuple[list[dict[str, str]], int, int]:
@@ -183,7 +162,7 @@ def _score_all(detector, files: list[tuple[Path, str]], out: Path, *, threshold:
         images: list[tuple[int, Path, str, Image.Image]] = []
         for i, (f, name) in chunk:
             try:
-                images.append((i, f, name, _open(f)))
+                images.append((i, f, name, open_image(f)))
             except InputError as err:
                 n_bad += 1
                 rows[i] = {"path": str(f), "class": "", "score": "", "threshold": "", "is_anomalous": "",

@@ -15,7 +15,9 @@ from torch import Tensor, nn
 
 from hgad.errors import ConfigError
 
-__all__ = ["init_main_centres", "HierarchicalPrior"]
+__all__ = ["HALF_LOG_2PI", "init_main_centres", "HierarchicalPrior"]
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)  # log of the N(0, 1) density's normaliser
 
 _PAIR_DISTANCE = 5.0
 

@@ -16,17 +16,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hgad.inference import EvalResult
+from hgad.evaluation import EvalResult
 from hgad.io import atomic_write_json, atomic_write_text
 from hgad.metrics import METRIC_ORDER
 
-__all__ = ["markdown_table", "metrics_payload", "write_reports", "overlay", "colorize"]
+__all__ = ["markdown_table", "metrics_payload", "write_reports", "overlay", "colorize", "percent"]
 
 _HEADERS = {"image_auroc": "I-AUROC", "pixel_auroc": "P-AUROC", "aupro": "AUPRO", "image_ap": "I-AP",
             "pixel_ap": "P-AP", "image_f1max": "I-F1max", "class_accuracy": "class acc."}
 
 
-def _fmt(v: float | None) -> str:
+def percent(v: float | None) -> str:
+    """A metric in % with one decimal; a dash for a missing or undefined (NaN) one."""
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
@@ -45,17 +46,18 @@ def markdown_table(result: EvalResult) -> str:
              "| class | " + " | ".join(_HEADERS[c] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for name, m in result.per_class.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(percent(m.get(c)) for c in cols) + " |")
     mean = dict(result.mean)
     if "class_accuracy" in cols and result.class_accuracy is not None:
         mean["class_accuracy"] = result.class_accuracy
-    lines.append("| **mean** | " + " | ".join(f"**{_fmt(mean.get(c))}**" for c in cols) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{percent(mean.get(c))}**" for c in cols) + " |")
     if result.image_only:
         lines += ["", f"Image labels only (no ground-truth masks, so no pixel metrics): {', '.join(result.image_only)}"]
     return "\n".join(lines)
 
 
 def metrics_payload(result: EvalResult, seconds: float | None = None) -> dict:
+    """metrics.json's content: settings, per-class and mean metrics (NaN written as null)."""
     def clean(d: dict) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
@@ -83,9 +85,9 @@ def overlay(image: Image.Image, amap: np.ndarray, vmax: float, alpha: float = 0.
 
 
 def _square(image: Image.Image, size: int) -> Image.Image:
-    from hgad.data import _resize_crop
+    from hgad.data.images import resize_crop
 
-    return _resize_crop(image, size, Image.Resampling.LANCZOS)
+    return resize_crop(image, size, Image.Resampling.LANCZOS)
 
 
 def _png_b64(fig_or_image) -> str:
@@ -161,12 +163,12 @@ def _examples_html(result: EvalResult) -> str:
 def _html(result: EvalResult) -> str:
     cols = _columns(result)
     head = "".join(f"<th>{_HEADERS[c]}</th>" for c in cols)
-    rows = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{_fmt(m.get(c))}</td>" for c in cols)
+    rows = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{percent(m.get(c))}</td>" for c in cols)
                    + "</tr>" for n, m in result.per_class.items())
     mean = dict(result.mean)
     if result.class_accuracy is not None:
         mean["class_accuracy"] = result.class_accuracy
-    rows += "<tr class='mean'><td>mean</td>" + "".join(f"<td>{_fmt(mean.get(c))}</td>" for c in cols) + "</tr>"
+    rows += "<tr class='mean'><td>mean</td>" + "".join(f"<td>{percent(mean.get(c))}</td>" for c in cols) + "</tr>"
     fig, plt = _histogram_figure(result)
     hist = _png_b64(fig)
     plt.close(fig)

@@ -10,7 +10,6 @@ protocol).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hgad.errors import ConfigError
+from hgad.errors import ConfigError, InputError
 from hgad.losses import intra_log_mixture, sq_distances
+from hgad.prior import HALF_LOG_2PI
 
 __all__ = [
+    "gaussian_log_likelihood",
     "log_likelihood",
     "neg_entropy",
     "class_log_posterior",
@@ -32,9 +33,17 @@ __all__ = [
     "anomaly_map",
     "zscore_map",
     "image_scores",
+    "check_finite_maps",
+    "check_threshold",
 ]
 
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+def gaussian_log_likelihood(z: Tensor, logdet: Tensor) -> Tensor:
+    """Per-dimension log-likelihood ``(N,)`` under the single-Gaussian prior ``N(0, I)`` (the NF baseline).
+
+    ``[-D ln(2 pi)/2 - |z|^2/2 + logdet] / D``.
+    """
+    dim = z.shape[1]
+    return (-dim * HALF_LOG_2PI - 0.5 * z.pow(2).sum(1) + logdet) / dim
 
 
 def log_likelihood(z: Tensor, logdet: Tensor, classes: Tensor, centres: Tensor, log_w: Tensor) -> Tensor:
@@ -45,7 +54,7 @@ def log_likelihood(z: Tensor, logdet: Tensor, classes: Tensor, centres: Tensor, 
     """
     dim = z.shape[1]
     log_mix = intra_log_mixture(z, classes, centres, log_w)
-    return (-dim * _HALF_LOG_2PI + log_mix + logdet.float()) / dim
+    return (-dim * HALF_LOG_2PI + log_mix + logdet.float()) / dim
 
 
 def neg_entropy(z: Tensor, mu: Tensor) -> Tensor:
@@ -207,3 +216,19 @@ def zscore_map(
 def image_scores(maps: Tensor) -> Tensor:
     """Image-level score ``(B,)``: the maximum of each map."""
     return maps.flatten(1).amax(dim=1)
+
+
+def check_finite_maps(maps: Tensor | np.ndarray, source: str, what: str = "the scored images") -> None:
+    """Non-finite anomaly maps are a damaged model or statistics, never "normal": stop with one line."""
+    values = torch.as_tensor(maps)
+    if not bool(torch.isfinite(values).all()):
+        raise InputError(source, f"the model gives non-finite (NaN/inf) anomaly scores for {what}; its weights "
+                                 "or stored statistics are damaged (retrain, or restore the run)")
+
+
+def check_threshold(value: float, class_name: str, source: str) -> None:
+    """A stored threshold that is not finite would call every image normal (inf) or none (nan)."""
+    if not np.isfinite(value):
+        raise InputError(source, f"stored decision threshold of class {class_name!r} is {value}, not a finite "
+                                 "number (calibration did not finish or the run is damaged); give --threshold "
+                                 "or retrain")

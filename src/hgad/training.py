@@ -28,24 +28,15 @@ from hgad.config import HGADConfig
 from hgad.data import ImageDataset, ImageRecord
 from hgad.errors import ConfigError, TrainingError
 from hgad.io import atomic_path, atomic_write_json, atomic_write_text
+from hgad.map_stats import compute_map_stats, compute_position_stats
 from hgad.model import HGAD, LatentMaps
-from hgad.stats import compute_map_stats, compute_position_stats
 
-__all__ = ["resolve_device", "learning_rate", "FeatureStore", "TrainResult", "fit", "calibrate",
+__all__ = ["learning_rate", "FeatureStore", "TrainResult", "fit", "calibrate",
            "epoch_order", "LOG_FILE", "SUMMARY_FILE"]
 
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu`` or ``cuda``; CUDA is ``cuda:LOCAL_RANK`` under a multi-process torchrun."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", "cuda requested but no CUDA device is available")
-    return distributed.cuda_device() if name == "cuda" else torch.device(name)
 
 
 def learning_rate(cfg: HGADConfig, meta_epoch: int, frac: float) -> float:
@@ -105,17 +96,17 @@ class FeatureStore:
         bar = tqdm(total=sum(map(len, batches)), desc="features", unit="img", disable=not progress,
                    leave=False)
         for batch in loader:
-            feats = model.extract(batch["image"])
+            feats = model.extract(batch.image)
             if not self.levels:
                 self.levels = [alloc((len(self.dataset), *f.shape[1:]), dtype=dtype) for f in feats]
-            i = batch["index"]
+            i = batch.index
             for store, f in zip(self.levels, feats):
                 store[i] = f.to("cpu", dtype)
             bar.update(len(i))
         bar.close()
         if ctx is not None:
             if not self.levels:  # fewer batches than ranks: one image gives the shapes
-                shapes = [f.shape[1:] for f in model.extract(self.dataset[0]["image"][None])]
+                shapes = [f.shape[1:] for f in model.extract(self.dataset[0].image[None])]
                 self.levels = [alloc((len(self.dataset), *s), dtype=dtype) for s in shapes]
             for store in self.levels:
                 distributed.merge_disjoint_(store, ctx)
@@ -162,14 +153,17 @@ class FeatureStore:
         return len(self.dataset)
 
     def get(self, idx: Tensor) -> list[Tensor]:
+        """Per-scale features (B, D_l, h_l, w_l) of the images ``idx``, on the model's device."""
         if self.mode == "none":
-            images = torch.stack([self.dataset[int(i)]["image"] for i in idx])
+            images = torch.stack([self.dataset[int(i)].image for i in idx])
             return self.model.extract(images)
         return [t[idx].to(self.model.device, non_blocking=True) for t in self.levels]
 
 
 @dataclass
 class TrainResult:
+    """What :func:`fit` reports: timings, steps, the last pass's loss terms and the class accuracy."""
+
     seconds: float
     steps: int
     final_terms: dict[str, float]
@@ -193,7 +187,7 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
     distributed.check_batch_size(cfg.batch_size, ctx)
     main = ctx is None or ctx.is_main
     if not main:
-        progress, log = False, _silent
+        progress, log = False, distributed.silent
     run_dir = Path(run_dir)
     if main:  # other ranks only read the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -203,12 +197,48 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
         raise ConfigError("--batch-size", f"{cfg.batch_size} is larger than the {n} training images")
     labels = torch.tensor([r.class_index for r in records])
     optimizer = torch.optim.Adam(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    start_epoch = 0
-    log_path = run_dir / "train_log.jsonl"
+    start_epoch, has_state = _start(model, optimizer, run_dir, resume=resume, extra_config=extra_config, log=log)
+    t0 = time.perf_counter()
+    store = FeatureStore(model, records, cfg, run_dir / "cache", progress=progress)
+    if not has_state:  # resumed runs restored them with the weights
+        model.set_feature_stats(store.get(torch.arange(i, min(n, i + 64))) for i in range(0, n, 64))
+    t_feat = time.perf_counter() - t0
+    last_terms = _train_passes(model, store, labels, optimizer, run_dir, start_epoch=start_epoch, steps=steps,
+                               progress=progress)
+    t_train = time.perf_counter() - t0 - t_feat
+    model.eval()
+    # every rank calibrates on the whole cache: same weights and features give the same statistics
+    accuracy = calibrate(model, store, labels, progress=progress)
+    if main:
+        save_model(run_dir, model)
+    seconds = time.perf_counter() - t0
+    total_epochs = cfg.meta_epochs * cfg.sub_epochs
+    result = TrainResult(seconds=seconds, steps=(total_epochs - start_epoch) * steps, final_terms=last_terms,
+                         train_vector_accuracy=accuracy)
+    if main:
+        atomic_write_json(run_dir / SUMMARY_FILE, {
+            "seconds_total": round(seconds, 2), "seconds_features": round(t_feat, 2),
+            "seconds_training": round(t_train, 2), "passes": total_epochs, "steps": result.steps,
+            "final_loss_terms": last_terms, "train_vector_class_accuracy": accuracy,
+            "n_train_images": n, "device": str(model.device), **({"processes": ctx.world_size} if ctx else {})})
+    if ctx is not None:
+        ctx.barrier()  # the run folder is complete when fit returns, on every rank
+    return result
+
+
+def _start(model: HGAD, optimizer: torch.optim.Optimizer, run_dir: Path, *, resume: bool,
+           extra_config: dict | None, log) -> tuple[int, bool]:
+    """The first pass to train and whether a resume state was loaded: a fresh run writes its config and
+    drops an old log; a resumed one restores weights and optimizer and keeps the log of the passes done."""
+    cfg = model.cfg
+    ctx = distributed.context()
+    main = ctx is None or ctx.is_main
+    log_path = run_dir / LOG_FILE
     has_state = resume and (run_dir / RESUME_FILE).is_file()
     if ctx is not None and 0 < distributed.count_true(has_state, ctx) < ctx.world_size:
         raise ConfigError("--out", f"only some processes see {run_dir / RESUME_FILE}: to resume on several "
                                    "machines the run folder must be on a file system they all share")
+    start_epoch = 0
     if has_state:
         state = load_resume_state(run_dir, model, optimizer)
         start_epoch = int(state["epoch"])
@@ -223,55 +253,29 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
         ctx.barrier()  # every rank has read the resume state before rank 0 may overwrite it
         log(f"DDP over {ctx.world_size} processes: {cfg.batch_size // ctx.world_size} of the "
             f"{cfg.batch_size} images of each step per process")
-    t0 = time.perf_counter()
-    store = FeatureStore(model, records, cfg, run_dir / "cache", progress=progress)
-    if not has_state:  # resumed runs restored them with the weights
-        model.set_feature_stats(store.get(torch.arange(i, min(n, i + 64))) for i in range(0, n, 64))
-    t_feat = time.perf_counter() - t0
+    return start_epoch, has_state
+
+
+def _train_passes(model: HGAD, store: FeatureStore, labels: Tensor, optimizer: torch.optim.Optimizer,
+                  run_dir: Path, *, start_epoch: int, steps: int, progress: bool) -> dict[str, float]:
+    """Every pass from ``start_epoch`` on, each logged and checkpointed; the last pass's mean loss terms."""
+    cfg = model.cfg
+    ctx = distributed.context()
+    main = ctx is None or ctx.is_main
     total_epochs = cfg.meta_epochs * cfg.sub_epochs
-    world = 1 if ctx is None else ctx.world_size
     model.train()
     last_terms: dict[str, float] = {}
     bar = tqdm(total=(total_epochs - start_epoch) * steps, desc="train", unit="step", disable=not progress)
     ddp, ddp_stage = None, 0
-    with open(log_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as log_fh:
+    with open(run_dir / LOG_FILE, "a", encoding="utf-8") if main else contextlib.nullcontext() as log_fh:
         for epoch in range(start_epoch, total_epochs):
             meta, sub = divmod(epoch, cfg.sub_epochs)
             stage = 1 if cfg.two_stage and meta < cfg.stage1_epochs else 2
             if ctx is not None and stage != ddp_stage:
                 ddp = None  # release the previous stage's gradient hooks before registering new ones
                 ddp, ddp_stage = distributed.wrap_loss(model, stage, ctx), stage
-            order = epoch_order(cfg.seed, epoch, n)
-            sums: dict[str, float] = {}
-            t_ep = time.perf_counter()
-            n_vec = 0
-            for step in range(steps):
-                lr = learning_rate(cfg, meta, (sub * steps + step) / (cfg.sub_epochs * steps))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx = distributed.rank_slice(order[step * cfg.batch_size:(step + 1) * cfg.batch_size], ctx)
-                feats = store.get(idx)
-                if ddp is None:
-                    terms = model.loss(feats, labels[idx], stage)
-                    shown = {k: v.detach() for k, v in terms.items()}
-                else:  # global-batch means: every rank sees the same values, so the guard agrees
-                    terms = ddp(feats, labels[idx], stage)
-                    shown = distributed.all_reduce_mean(terms, ctx)
-                _check_finite(shown, epoch, step, "loss term", run_dir)
-                optimizer.zero_grad(set_to_none=True)
-                terms["total"].backward()  # under DDP this also averages the gradients over ranks
-                _check_finite({g["name"]: _grad_norm(g["params"]) for g in optimizer.param_groups},
-                              epoch, step, "gradient of", run_dir)
-                optimizer.step()
-                values = {k: float(v) for k, v in shown.items()}
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_vec += world * sum(f.shape[0] * f.shape[2] * f.shape[3] for f in feats)
-                bar.update(1)
-                rate = n_vec / max(time.perf_counter() - t_ep, 1e-9)
-                bar.set_postfix_str(f"pass {epoch + 1}/{total_epochs} stage {stage} lr {lr:.2e} "
-                                    f"{_terms_line(values)} {rate:,.0f} vec/s")
-            secs = time.perf_counter() - t_ep
+            sums, n_vec, lr, secs = _one_pass(model, store, labels, optimizer, run_dir, ddp, epoch=epoch,
+                                              stage=stage, steps=steps, bar=bar)
             last_terms = {k: v / steps for k, v in sums.items()}
             record = {"epoch": epoch, "meta_epoch": meta, "sub_epoch": sub, "stage": stage, "lr": lr,
                       "seconds": round(secs, 4), "vectors_per_s": round(n_vec / max(secs, 1e-9), 1),
@@ -282,28 +286,49 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
                 save_resume_state(run_dir, model, optimizer, {"epoch": epoch + 1})
     ddp = None  # the model goes on alone (calibration, the caller): no DDP hooks left on its parameters
     bar.close()
-    t_train = time.perf_counter() - t0 - t_feat
-    model.eval()
-    # every rank calibrates on the whole cache: same weights and features give the same statistics
-    accuracy = calibrate(model, store, labels, progress=progress)
-    if main:
-        save_model(run_dir, model)
-    seconds = time.perf_counter() - t0
-    result = TrainResult(seconds=seconds, steps=(total_epochs - start_epoch) * steps, final_terms=last_terms,
-                         train_vector_accuracy=accuracy)
-    if main:
-        atomic_write_json(run_dir / SUMMARY_FILE, {
-            "seconds_total": round(seconds, 2), "seconds_features": round(t_feat, 2),
-            "seconds_training": round(t_train, 2), "passes": total_epochs, "steps": result.steps,
-            "final_loss_terms": last_terms, "train_vector_class_accuracy": accuracy,
-            "n_train_images": n, "device": str(model.device), **({"processes": world} if ctx else {})})
-    if ctx is not None:
-        ctx.barrier()  # the run folder is complete when fit returns, on every rank
-    return result
+    return last_terms
 
 
-def _silent(*_args: object) -> None:
-    """``log`` of ranks other than 0."""
+def _one_pass(model: HGAD, store: FeatureStore, labels: Tensor, optimizer: torch.optim.Optimizer, run_dir: Path,
+              ddp, *, epoch: int, stage: int, steps: int, bar) -> tuple[dict[str, float], int, float, float]:
+    """One pass over the training images in the order of (seed, epoch): summed loss terms, vectors seen,
+    the last learning rate and the pass's seconds. Non-finite losses or gradients stop training."""
+    cfg = model.cfg
+    ctx = distributed.context()
+    world = 1 if ctx is None else ctx.world_size
+    total_epochs = cfg.meta_epochs * cfg.sub_epochs
+    meta, sub = divmod(epoch, cfg.sub_epochs)
+    order = epoch_order(cfg.seed, epoch, len(labels))
+    sums: dict[str, float] = {}
+    t_ep = time.perf_counter()
+    n_vec = 0
+    for step in range(steps):
+        lr = learning_rate(cfg, meta, (sub * steps + step) / (cfg.sub_epochs * steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = distributed.rank_slice(order[step * cfg.batch_size:(step + 1) * cfg.batch_size], ctx)
+        feats = store.get(idx)
+        if ddp is None:
+            terms = model.loss(feats, labels[idx], stage)
+            shown = {k: v.detach() for k, v in terms.items()}
+        else:  # global-batch means: every rank sees the same values, so the guard agrees
+            terms = ddp(feats, labels[idx], stage)
+            shown = distributed.all_reduce_mean(terms, ctx)
+        _check_finite(shown, epoch, step, "loss term", run_dir)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()  # under DDP this also averages the gradients over ranks
+        _check_finite({g["name"]: _grad_norm(g["params"]) for g in optimizer.param_groups},
+                      epoch, step, "gradient of", run_dir)
+        optimizer.step()
+        values = {k: float(v) for k, v in shown.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_vec += world * sum(f.shape[0] * f.shape[2] * f.shape[3] for f in feats)
+        bar.update(1)
+        rate = n_vec / max(time.perf_counter() - t_ep, 1e-9)
+        bar.set_postfix_str(f"pass {epoch + 1}/{total_epochs} stage {stage} lr {lr:.2e} "
+                            f"{_terms_line(values)} {rate:,.0f} vec/s")
+    return sums, n_vec, lr, time.perf_counter() - t_ep
 
 
 def _grad_norm(params: list[Tensor]) -> Tensor:
@@ -387,6 +412,7 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
         if maha_levels:
             model.set_position_stats("maha", compute_position_stats(maha_levels, labels, y))
     scores = torch.empty(n)
+    norm, score = model.deploy_norm(), model.score_kind()
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         lm_logp = [m[sl].to(model.device) for m in logp_levels]
@@ -394,7 +420,7 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
         lm_maha = [m[sl].to(model.device) for m in maha_levels] if maha_levels else None
         lm = LatentMaps(logp=lm_logp, ent=lm_ent, posterior=None, classes=labels[sl].to(model.device),
                         maha=lm_maha)
-        scores[sl] = model.deploy_maps(lm).flatten(1).amax(1).cpu()
+        scores[sl] = model.score_latent(lm, score=score, norm=norm).scores.cpu()
     for c in range(y):
         own = scores[labels == c]
         if len(own):

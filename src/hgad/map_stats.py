@@ -9,16 +9,24 @@ given the per-scale maps of a set of images and their classes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from hgad.scoring import combine_scales
+from hgad.errors import ConfigError
+from hgad.scoring import anomaly_map, combine_scales, zscore_map
 
-__all__ = ["MapStats", "compute_map_stats", "compute_position_stats"]
+__all__ = ["MapStats", "PositionStats", "Normalisation", "SCORE_PARTS", "compute_map_stats",
+           "compute_position_stats"]
 
+# the latent maps each pixel score is made of
+SCORE_PARTS = {"product": ("logp", "ent"), "logp": ("logp",), "entropy": ("ent",), "mahalanobis": ("maha",)}
+
+_NEEDS = {"logp": "a log-likelihood map", "ent": "a model of two or more classes with the hgmm prior",
+          "maha": "the class Gaussians of the latents (--latent-gauss) and the per-position statistics of the "
+                  "deploy protocol (--score-norm zscore)"}
 _MIN_STD = 1e-3  # floor of a per-position standard deviation (one training image, or a constant map)
 
 
@@ -33,6 +41,56 @@ class MapStats:
         """Gather the rows of each image's class: (B, L) maxima and (B,) inversion constants."""
         idx = classes.to(self.scale_max.device).long()
         return self.scale_max[idx], self.s_max[idx]
+
+
+@dataclass
+class PositionStats:
+    """Per scale ``l``: mean and standard deviation ``(Y, h_l, w_l)`` of a class's maps at each position."""
+
+    mean: list[Tensor]
+    std: list[Tensor]
+
+    def for_images(self, classes: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Gather each image's class: per scale (B, h_l, w_l) means and standard deviations."""
+        idx = classes.to(self.mean[0].device).long()
+        return [m[idx] for m in self.mean], [s[idx] for s in self.std]
+
+
+@dataclass
+class Normalisation:
+    """How latent maps become anomaly maps: the statistics of each map kind and how they are applied.
+
+    :class:`MapStats` (the release's max normalisation) make a part ``s_max - S``, clamped at 0 when
+    ``clamp`` (deploy) and multiplied over parts; :class:`PositionStats` (``zscore``) make per-position
+    z-scores, summed over parts. ``ent`` is None for models without an entropy map, ``maha`` for models
+    without class Gaussians of the latents (and for the release's max normalisation, which has none).
+    """
+
+    logp: MapStats | PositionStats
+    ent: MapStats | PositionStats | None
+    clamp: bool = False
+    maha: PositionStats | None = None
+
+    def maps(self, latent: Mapping[str, Sequence[Tensor] | None], score: str, rows: Tensor, out_size: int,
+             sigma: float) -> Tensor:
+        """Anomaly maps (B, out, out) of pixel score ``score`` from the per-scale ``latent["logp"]`` /
+        ``latent["ent"]`` / ``latent["maha"]`` maps, each image normalised by the statistics rows ``rows`` (B,)."""
+        total: Tensor | None = None
+        for part in SCORE_PARTS[score]:
+            stats, levels = getattr(self, part), latent[part]
+            if stats is None or levels is None:
+                raise ConfigError("--score", f"{score} needs {_NEEDS[part]}")
+            if isinstance(stats, PositionStats):
+                means, stds = stats.for_images(rows)
+                one = zscore_map(levels, means, stds, out_size, sigma)
+                total = one if total is None else total + one
+            else:
+                mx, smax = stats.for_images(rows)
+                device = levels[0].device
+                one = anomaly_map([m.float() for m in levels], mx.to(device), smax.to(device), out_size, sigma,
+                                  self.clamp)
+                total = one if total is None else total * one
+        return total
 
 
 def compute_map_stats(log_maps: Sequence[Tensor], classes: Tensor, n_classes: int, out_size: int,
