@@ -360,7 +360,8 @@ class HGAD(nn.Module):
         classes that scored the images) with pixel score ``score`` (see :meth:`score_kind`)."""
         kind = self.score_kind(score)
         rows = lm.classes if stat_classes is None else stat_classes
-        maps = norm.maps({"logp": lm.logp, "ent": lm.ent, "maha": lm.maha}, kind, rows, self.cfg.map_size, self.cfg.blur_sigma)
+        latent = {"logp": lm.logp, "ent": lm.ent, "maha": lm.maha}
+        maps = norm.maps(latent, kind, rows, self.cfg.map_size, self.cfg.blur_sigma)
         scores = image_scores(maps)
         classes = lm.classes.long()
         if lm.posterior is None:

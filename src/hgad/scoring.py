@@ -92,8 +92,9 @@ def fit_class_gaussians(sums: Tensor, outers: Tensor, counts: Tensor, ridge: flo
 def mahalanobis(z: Tensor, mean: Tensor, root_prec: Tensor) -> Tensor:
     """Distance ``|W (z - m)|`` ``(B, N)`` of each image's ``N`` vectors ``z`` ``(B, N, D)`` to the Gaussian of
     its class, given per image as ``mean`` ``(B, D)`` and root precision ``W`` ``(B, D, D)``."""
-    u = z.float() - mean.float()[:, None, :]
-    return torch.bmm(u, root_prec.float().transpose(1, 2)).pow(2).sum(-1).sqrt()
+    with torch.autocast(z.device.type, enabled=False):  # a distance is not a bf16 quantity
+        u = z.float() - mean.float()[:, None, :]
+        return torch.bmm(u, root_prec.float().transpose(1, 2)).pow(2).sum(-1).sqrt()
 
 
 def _reflect_index(n: int, radius: int, device: torch.device) -> Tensor:
