@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that live in their own module: each has add_parser(subparsers) and run(args) -> int,
 # and its parser sets `command` to its name (argparse does so from the sub-parser name).
-_PLUGIN_MODULES = ("hgad.ablate", "hgad.export")
+_PLUGIN_MODULES = ("hgad.ablate", "hgad.export", "hgad.calibration")
 
 
 def _plugins() -> list:
@@ -275,7 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # what `hgad train` (and `hgad test`'s default report folders) write in a run folder: only a folder
 # holding nothing else is replaced by --overwrite
 _RUN_ENTRIES = ("config.json", "model.safetensors", "last.safetensors", "train_log.jsonl",
-                "train_summary.json", "cache")
+                "train_summary.json", "cache", "calibration.json")
 
 
 def _not_a_run(out: Path) -> str | None:
@@ -341,8 +341,9 @@ def _train(args: argparse.Namespace) -> int:
     from hgad.checkpoint import CONFIG_FILE, MODEL_FILE, RESUME_FILE, read_run_config
     from hgad.data import discover
     from hgad.io import atomic_write_json, replace_folder
+    from hgad.calibration import train_calibrated
     from hgad.model import HGAD
-    from hgad.training import fit, resolve_device
+    from hgad.training import resolve_device
 
     out: Path = args.out
     saved = None
@@ -402,8 +403,8 @@ def _train(args: argparse.Namespace) -> int:
           f"{len(counts)} scales of dims {model.backbone.feature_dims}; trainable parameters per flow: "
           + ", ".join(f"{c:,}" for c in counts))
     try:
-        result = fit(model, catalog.train, work, resume=args.resume, progress=not args.no_progress,
-                     extra_config={"data": _data_record(data)})
+        result = train_calibrated(model, catalog.train, work, resume=args.resume, progress=not args.no_progress,
+                                  extra_config={"data": _data_record(data)}, log=say)
         if main and replacing:
             replace_folder(work, out)  # the old run stays whole until the new one is complete
     except BaseException as err:

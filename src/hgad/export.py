@@ -44,7 +44,8 @@ _MIN_OPSET = 13  # per-image reductions and gathers as used here need opset 13 o
 _MAX_OPSET = 20  # the last opset of torch's TorchScript-based exporter
 _CHECK_TOLERANCE = 1e-3  # relative to max(1, |output|): more disagreement with PyTorch is a bug, never written
 _META_KEY = "hgad_version"  # present in every graph this module writes
-_PREPROCESSING = ("RGB; shorter side resized to img_size (Lanczos) then centre-cropped; /255; "
+_PREPROCESSING = ("RGB; made img_size x img_size (Lanczos) as the resize entry says (squash: whole image; pad: "
+                  "longer side to img_size, borders the input_mean colour; crop: shorter side then centre crop); /255; "
                   "minus input_mean, divided by input_std (per channel); NCHW float32")
 
 
@@ -99,6 +100,7 @@ def _metadata(model: HGAD) -> dict[str, str]:
         "class_names": json.dumps(model.class_names),
         "thresholds": json.dumps(thresholds),  # null: no threshold (never anomalous)
         "img_size": str(model.cfg.img_size),
+        "resize": model.cfg.resize,
         "map_size": str(model.cfg.map_size),
         "score": model.cfg.score,
         "preprocessing": _PREPROCESSING,
@@ -209,7 +211,7 @@ class OnnxDetector:
     """An exported graph run with onnxruntime; same ``predict`` as :class:`hgad.inference.Detector`."""
 
     def __init__(self, session: Any, class_names: list[str], thresholds: list[float], img_size: int,
-                 map_size: int, source: str = "model", norm: Norm = IMAGENET_NORM) -> None:
+                 map_size: int, source: str = "model", norm: Norm = IMAGENET_NORM, resize: str = "crop") -> None:
         self.session = session
         self.source = source
         self._class_names = class_names
@@ -217,6 +219,7 @@ class OnnxDetector:
         self.img_size = img_size
         self.map_size = map_size
         self.norm = norm
+        self.resize = resize
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", *,
@@ -241,6 +244,7 @@ class OnnxDetector:
             img_size, map_size = int(meta["img_size"]), int(meta["map_size"])
             mean, std = json.loads(meta["input_norm"]) if "input_norm" in meta else IMAGENET_NORM  # older exports
             norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+            resize = meta.get("resize", "crop")  # exports before --resize cropped
         except (KeyError, ValueError, TypeError) as err:
             raise InputError(path, f"not an ONNX model written by 'hgad export' (metadata: {err})") from None
         if run_dir is not None:
@@ -250,7 +254,7 @@ class OnnxDetector:
             if list(saved["class_names"]) != names or int(saved["config"].get("img_size", -1)) != img_size:
                 raise ConfigError("--onnx", f"{path} was not exported from {run_dir} (classes or image size "
                                             "differ)")
-        return cls(session, names, thresholds, img_size, map_size, str(path), norm)
+        return cls(session, names, thresholds, img_size, map_size, str(path), norm, resize)
 
     @property
     def class_names(self) -> list[str]:
@@ -258,7 +262,7 @@ class OnnxDetector:
 
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
         if isinstance(image, Image.Image):
-            return preprocess(image, self.img_size, self.norm)
+            return preprocess(image, self.img_size, self.norm, self.resize)
         if image.dim() != 3 or tuple(image.shape) != (3, self.img_size, self.img_size):
             size = self.img_size
             raise ConfigError("image", f"expected a preprocessed (3, {size}, {size}) tensor, "

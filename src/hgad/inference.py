@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hgad import distributed
+from hgad.calibration import Calibration, image_logp, load_calibration
 from hgad.checkpoint import load_model
 from hgad.data import Catalog, ImageDataset, ImageRecord, preprocess
 from hgad.errors import ConfigError, InputError
@@ -46,35 +47,44 @@ class Prediction:
     threshold: float
     is_anomalous: bool
     path: str | None = None
+    is_unknown: bool = False  # out of every class's distribution (calibration images): never "normal"
+    image_size: tuple[int, int] | None = None  # (width, height) of the PIL image given, for map_at_original
+
+    @property
+    def decision(self) -> str:
+        """``unknown``, ``anomalous`` or ``normal``."""
+        return "unknown" if self.is_unknown else "anomalous" if self.is_anomalous else "normal"
 
 
 class Detector:
     """A trained model plus its preprocessing: scores PIL images, tensors or files, one by one or batched."""
 
-    def __init__(self, model: HGAD, source: str = "model") -> None:
+    def __init__(self, model: HGAD, source: str = "model", calibration: Calibration | None = None) -> None:
         self.model = model.eval()
         self.source = source  # named in errors about the model (its run folder when loaded from one)
+        self.calibration = calibration  # unknown-input limits and training aspect ratios (None: older runs)
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto", **overrides) -> Detector:
         """The trained model of a run folder (``overrides``: e.g. ``backbone_weights`` of a moved file)."""
-        return cls(load_model(Path(run_dir), resolve_device(device), **overrides), str(Path(run_dir)))
+        return cls(load_model(Path(run_dir), resolve_device(device), **overrides), str(Path(run_dir)),
+                   load_calibration(Path(run_dir)))
 
     @classmethod
     def fit(cls, data: Sequence[str], out: str | Path, *, preset: str = "fast", classes: Sequence[str] | None = None,
             resume: bool = False, progress: bool = True, **overrides) -> Detector:
         """Train on the normal images of ``data`` (``["mvtec:/path", ...]``); same as ``hgad train``."""
+        from hgad.calibration import load_calibration, train_calibrated
         from hgad.cli import _data_record
         from hgad.config import preset as make_config
         from hgad.data import discover
-        from hgad.training import fit
 
         cfg = make_config(preset, **overrides)
         catalog = discover(list(data), classes, need_test=False)
         model = HGAD(cfg, catalog.classes).to(resolve_device(cfg.device))
-        fit(model, catalog.train, Path(out), resume=resume, progress=progress, log=lambda *_: None,
-            extra_config={"data": _data_record(list(data))})
-        return cls(model.eval())
+        train_calibrated(model, catalog.train, Path(out), resume=resume, progress=progress, log=lambda *_: None,
+                         extra_config={"data": _data_record(list(data))})
+        return cls(model.eval(), str(out), load_calibration(Path(out)))
 
     def save(self, run_dir: str | Path) -> None:
         """Write config.json and model.safetensors (atomically) to ``run_dir``."""
@@ -95,9 +105,14 @@ class Detector:
     def class_names(self) -> list[str]:
         return self.model.class_names
 
+    @property
+    def resize(self) -> str:
+        """How images are made square (:mod:`hgad.geometry`); maps go back to the image with it."""
+        return self.model.cfg.resize
+
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
         if isinstance(image, Image.Image):
-            return preprocess(image, self.model.cfg.img_size, self.model.input_norm)
+            return preprocess(image, self.model.cfg.img_size, self.model.input_norm, self.model.cfg.resize)
         if image.dim() != 3 or image.shape[0] != 3:
             raise ConfigError("image", f"expected a preprocessed (3, H, W) tensor, got {tuple(image.shape)}")
         return image
@@ -122,6 +137,8 @@ class Detector:
         lm = model.latent_maps(model.extract(batch), classes)
         maps = model.deploy_maps(lm).cpu()
         check_finite_maps(maps, self.source)
+        logp = image_logp(lm).cpu()
+        sizes = [im.size if isinstance(im, Image.Image) else None for im in images]
         out = []
         for i in range(len(batch)):
             c = int(lm.classes[i])
@@ -129,9 +146,11 @@ class Detector:
             check_threshold(thr, model.class_names[c], self.source)
             score = float(maps[i].max())
             conf = float(lm.posterior[i, c]) if lm.posterior is not None else float("nan")
+            unknown = self.calibration is not None and self.calibration.is_unknown(
+                model.class_names[c], float(logp[i]), conf)
             out.append(Prediction(score=score, anomaly_map=maps[i].numpy(), class_index=c,
                                   class_name=model.class_names[c], class_confidence=conf, threshold=thr,
-                                  is_anomalous=score > thr))
+                                  is_anomalous=score > thr, is_unknown=unknown, image_size=sizes[i]))
         return out
 
 
@@ -223,7 +242,8 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     n = len(records)
     # under torchrun each rank scores every world_size-th batch (whole batches: per-image results as alone)
     ctx = distributed.context()
-    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm),
+    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm,
+                                                      cfg.resize),
                                          batch_sampler=distributed.shard_batches(n, batch_size, ctx),
                                          num_workers=num_workers)
     true_model_cls = torch.tensor([mapping[r.class_index] for r in records])

@@ -83,9 +83,9 @@ def overlay(image: Image.Image, amap: np.ndarray, vmax: float, alpha: float = 0.
 
 
 def _square(image: Image.Image, size: int) -> Image.Image:
-    from hgad.data import _resize_crop
+    from hgad.geometry import resize_crop
 
-    return _resize_crop(image, size, Image.Resampling.LANCZOS)
+    return resize_crop(image, size, Image.Resampling.LANCZOS)
 
 
 def _png_b64(fig_or_image) -> str:
