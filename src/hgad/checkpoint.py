@@ -23,7 +23,8 @@ from hgad.io import atomic_save_tensors, atomic_write_json
 from hgad.model import HGAD
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESUME_FILE", "save_run_config", "save_model", "load_model",
-           "read_run_config", "read_tensors", "rewrite_model_tensors", "save_resume_state", "load_resume_state", "tensor_digest"]
+           "read_run_config", "read_tensors", "rewrite_model_tensors", "save_resume_state", "load_resume_state",
+           "tensor_digest"]
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"

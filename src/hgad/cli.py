@@ -338,10 +338,10 @@ def _check_resume_settings(cfg: HGADConfig, saved: dict[str, Any], out: Path, da
 
 def _train(args: argparse.Namespace) -> int:
     from hgad import distributed
+    from hgad.calibration import train_calibrated
     from hgad.checkpoint import CONFIG_FILE, MODEL_FILE, RESUME_FILE, read_run_config
     from hgad.data import discover
     from hgad.io import atomic_write_json, replace_folder
-    from hgad.calibration import train_calibrated
     from hgad.model import HGAD
     from hgad.training import resolve_device
 
@@ -467,6 +467,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     from hgad.io import whole_folder
     from hgad.predict import check_output_folder
     from hgad.report import markdown_table, write_reports
+    from hgad.review import test_provenance
     from hgad.training import resolve_device
 
     saved = read_run_config(args.run_dir)
@@ -506,8 +507,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         return 0
     for warning in result.warnings:
         print(f"hgad test: warning: {warning}", file=sys.stderr)
+    provenance = test_provenance(args.run_dir, saved, data, args.protocol, args.class_source, result.score)
     with whole_folder(out) as work:  # the report folder is replaced as a whole: never new metrics beside an old report
-        write_reports(result, work, html=not args.no_report, seconds=seconds)
+        write_reports(result, work, html=not args.no_report, seconds=seconds, provenance=provenance)
     names = ["metrics.json", "metrics.md", "image_scores.csv"] + ([] if args.no_report else ["report.html"])
     print(markdown_table(result))
     if result.unseen:

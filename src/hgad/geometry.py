@@ -13,7 +13,8 @@ import math
 import numpy as np
 from PIL import Image
 
-__all__ = ["RESIZE_MODES", "ASPECT_TOLERANCE", "to_square", "map_to_original", "resized_size", "resize_crop", "aspect_outlier"]
+__all__ = ["RESIZE_MODES", "ASPECT_TOLERANCE", "to_square", "map_to_original", "resized_size", "resize_crop",
+           "aspect_outlier"]
 
 RESIZE_MODES = ("squash", "crop", "pad")
 _FULL_RESIZE_MAX = 16  # aspect ratios up to 16:1 are resized whole (the historical, bit-exact path)

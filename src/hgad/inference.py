@@ -25,7 +25,9 @@ from hgad.data import Catalog, ImageDataset, ImageRecord, preprocess
 from hgad.errors import ConfigError, InputError
 from hgad.metrics import image_metrics, pixel_metrics, summarise
 from hgad.model import HGAD, LatentMaps
+from hgad.review import hardest
 from hgad.stats import MapStats, compute_map_stats
+from hgad.thresholds import decision_metrics
 from hgad.training import resolve_device
 
 __all__ = ["PROTOCOLS", "CLASS_SOURCES", "Prediction", "Detector", "EvalResult", "evaluate"]
@@ -189,6 +191,8 @@ class EvalResult:
     examples: dict[str, list[dict]] = field(default_factory=dict)  # class -> [{record, map}]
     image_only: list[str] = field(default_factory=list)  # classes with defects but no masks: no pixel metrics
     warnings: list[str] = field(default_factory=list)  # for stderr: e.g. anomalous images with empty masks
+    thresholds: np.ndarray | None = None  # (N,) deployed threshold that decided each image (deploy, run's score)
+    resize: str = "crop"  # how the model made the images square (hgad.geometry), for the report's thumbnails
 
 
 def _class_mapping(model: HGAD, catalog: Catalog, class_source: str) -> tuple[dict[int, int], list[str]]:
@@ -304,6 +308,10 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
         check_finite_maps(maps, "model", f"{len(bad)} of {n} test images (first: {records[int(bad[0])].path})")
     labels = torch.tensor([r.label for r in records])
     cls_idx = torch.tensor([r.class_index for r in records])
+    # the stored thresholds decide only what they were calibrated for: deploy maps of the run's own score
+    thresholds = model.threshold.cpu()[predicted].numpy().astype(np.float64) \
+        if protocol == "deploy" and score == model.score_kind() and bool(torch.isfinite(model.threshold).all()) \
+        else None
     per_class: dict[str, dict[str, float]] = {}
     examples: dict[str, list[dict]] = {}
     image_only: list[str] = []
@@ -319,13 +327,14 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
             m.update(pixel_metrics(maps[with_mask].numpy(), masks[with_mask].numpy()))
         elif bool((labels[sel] == 1).any()):
             image_only.append(name)
+        if thresholds is not None:
+            m.update(decision_metrics(scores[sel].numpy(), labels[sel].numpy(), thresholds[sel.numpy()]))
         if mapping[c] >= 0:
             m["class_accuracy"] = float((predicted[sel] == mapping[c]).float().mean())
         per_class[name] = m
-        normal = [int(i) for i in sel if labels[i] == 0][:n_examples]
-        defect = _spread_over_types([int(i) for i in sel if labels[i] == 1], records, n_examples)
+        defect, normal = hardest(sel.tolist(), labels.numpy(), scores.numpy(), thresholds, n_examples)
         examples[name] = [{"record": records[i], "map": maps[i].numpy(), "score": float(scores[i]),
-                           "mask": masks[i].numpy()} for i in normal + defect]
+                           "mask": masks[i].numpy(), "index": i} for i in defect + normal]
     seen = true_model_cls >= 0
     accuracy = float((predicted[seen] == true_model_cls[seen]).float().mean()) if bool(seen.any()) else None
     gen = torch.Generator().manual_seed(0)
@@ -341,24 +350,11 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
                       mean=summarise(per_class), class_accuracy=accuracy, records=records,
                       scores=scores.numpy(), predicted=predicted.numpy(),
                       model_classes=model.class_names, unseen=unseen,
-                      histograms=histograms, examples=examples, image_only=image_only,
+                      histograms=histograms, examples=examples, image_only=image_only, thresholds=thresholds,
+                      resize=cfg.resize,
                       warnings=[f"{len(empty_masks)} anomalous test image(s) have a mask that is all black at "
                                 f"map size {cfg.map_size} (first: {empty_masks[0]}); they add no defective "
                                 "pixel to the pixel metrics"] if empty_masks else [])
-
-
-def _spread_over_types(indices: list[int], records: list[ImageRecord], n: int) -> list[int]:
-    """Up to ``n`` examples taken round-robin over defect types, so the report shows each kind."""
-    by_type: dict[str, list[int]] = {}
-    for i in indices:
-        by_type.setdefault(records[i].defect_type, []).append(i)
-    queues = list(by_type.values())
-    picked: list[int] = []
-    while len(picked) < n and any(queues):
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop(0))
-    return picked
 
 
 def _to(lm: LatentMaps, device: torch.device) -> LatentMaps:

@@ -16,7 +16,7 @@ __all__ = ["threshold_for_fpr", "DecisionCounts", "decision_counts", "decision_m
            "lower_limit"]
 
 # keys of :func:`decision_metrics`, in the order the reports show them
-DECISION_METRICS: tuple[str, ...] = ("thr_recall", "thr_fpr", "thr_precision", "thr_f1")
+DECISION_METRICS: tuple[str, ...] = ("thr_f1", "thr_recall", "thr_fpr", "thr_precision")
 
 
 def _finite(values: Any, what: str) -> np.ndarray:
