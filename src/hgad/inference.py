@@ -148,8 +148,8 @@ class Detector:
             check_threshold(thr, model.class_names[c], self.source)
             score = float(maps[i].max())
             conf = float(lm.posterior[i, c]) if lm.posterior is not None else float("nan")
-            unknown = self.calibration is not None and self.calibration.is_unknown(
-                model.class_names[c], float(logp[i]), conf)
+            unknown = self.calibration is not None and self.calibration.is_unknown(model.class_names[c],
+                                                                                    float(logp[i]))
             out.append(Prediction(score=score, anomaly_map=maps[i].numpy(), class_index=c,
                                   class_name=model.class_names[c], class_confidence=conf, threshold=thr,
                                   is_anomalous=score > thr, is_unknown=unknown, image_size=sizes[i]))
