@@ -228,3 +228,19 @@ def test_blank_and_noise_frames_are_unknown_normal_images_are_not(texture_run, t
     preds = Detector.load(run, "cpu").predict([Image.open(f) for f in normal])
     assert sum(p.is_unknown for p in preds) <= len(preds) // 4
     assert all(0 < p.class_confidence <= 1 for p in preds)
+
+
+def test_threshold_benchmark_compares_both_rules(tiny_run: Path, tmp_path: Path, monkeypatch, capsys):
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_thresholds", bench / "thresholds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "t.json"
+    assert module.main(["--run", str(tiny_run), "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    rules = {r["rule"].split(":")[0] for r in payload["rows"]}
+    assert rules == {"before", "after"} and len(payload["rows"]) == 2 * 3  # 2 classes + all, per rule
+    assert "defects caught" in capsys.readouterr().out

@@ -165,6 +165,11 @@ def train_calibrated(model: HGAD, records: Sequence[ImageRecord], run_dir: Path,
     if held:
         log(f"{len(held)} of the {len(records)} training images held out to calibrate the thresholds "
             f"(--calibration-split {cfg.calibration_split:g}); the flow trains on {len(train)}")
+    fewest = min((sum(r.class_index == c for r in held) for c in range(model.n_classes)), default=0)
+    if held and 1 / (fewest + 1) > cfg.target_fpr:
+        log(f"note: with {fewest} calibration images a class's threshold is their highest score, whose expected "
+            f"false-positive rate is about 1/{fewest + 1} = {1 / (fewest + 1):.0%}, above --target-fpr "
+            f"{cfg.target_fpr:g} (about {math.ceil(1 / cfg.target_fpr) - 1} images per class reach it)")
     result = fit(model, train, run_dir, resume=resume, progress=progress, extra_config=extra_config, log=log)
     cal = calibrate(model, held, train, cfg.target_fpr)
     ctx = distributed.context()
