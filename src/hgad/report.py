@@ -215,11 +215,11 @@ def _examples_html(result: EvalResult) -> str:
     return legend + "".join(parts)
 
 
-def _table(header: list[str], rows: list[list[str]], row_class: list[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list[str]], row_class: list[str] | None = None) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join(f"<tr{(' class=' + repr(row_class[i])) if row_class and row_class[i] else ''}>"
                    + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for i, row in enumerate(rows))
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _decisions_html(result: EvalResult) -> str:
@@ -243,7 +243,7 @@ def _decisions_html(result: EvalResult) -> str:
 def _provenance_html(provenance: dict[str, Any]) -> str:
     rows = [[html.escape(str(k)), html.escape(", ".join(map(str, v)) if isinstance(v, list) else str(v))]
             for k, v in provenance.items()]
-    return _table(["", ""], rows) if rows else ""
+    return f"<div class='prov'>{_table(None, rows)}</div>" if rows else ""
 
 
 def _html(result: EvalResult, provenance: dict[str, Any]) -> str:
@@ -258,7 +258,8 @@ def _html(result: EvalResult, provenance: dict[str, Any]) -> str:
     style = ("body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:6px 0}"
              "td,th{border:1px solid #ccc;padding:3px 9px;text-align:right}td:first-child{text-align:left}"
              "tr.mean{font-weight:bold;background:#eef}figure{display:inline-block;margin:4px}"
-             "figure.bad figcaption b{color:#b00}figcaption{font-size:12px;max-width:530px}"
+             ".prov td{text-align:left;font-size:13px}figure.bad figcaption b{color:#b00}"
+             "figcaption{font-size:12px;max-width:530px}"
              ".legend{color:#555;font-size:13px}img{max-width:100%}h4{margin:8px 0 2px}")
     note = f"<p class='legend'>{html.escape(_THR_NOTE)}</p>" if result.thresholds is not None else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>hgad report</title><style>{style}</style>"
