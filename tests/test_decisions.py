@@ -179,7 +179,7 @@ def texture_run(tmp_path_factory) -> tuple[Path, Path]:
             (data / name / "test" / "good").mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(data / name / "test" / "good" / f"{i:03d}.png")
     out = root / "run"
-    flags = tiny_flags(meta_epochs=3, batch_size=4, calibration_split=0.25, resize="squash", target_fpr=0.2)
+    flags = tiny_flags(meta_epochs=3, batch_size=4, calibration_split=0.25, target_fpr=0.2)  # default --resize squash
     assert main(["train", "--data", f"mvtec:{data}", "--out", str(out), "--no-progress", *flags]) == 0
     return out, data
 
@@ -189,6 +189,7 @@ def test_edge_defect_of_a_non_square_image_is_found_in_original_coordinates(text
     normal = sorted((data / "brick" / "test" / "good").glob("*.png"))
     defect = np.array(Image.open(normal[0]))
     defect[12:36, 2:20] = 255  # a bright block in the left quarter, which a centre crop never sees
+    assert Detector.load(run, "cpu").resize == "squash"
     folder = tmp_path / "in"
     folder.mkdir()
     Image.fromarray(defect).save(folder / "defect.png")
@@ -244,3 +245,29 @@ def test_threshold_benchmark_compares_both_rules(tiny_run: Path, tmp_path: Path,
     rules = {r["rule"].split(":")[0] for r in payload["rows"]}
     assert rules == {"before", "after"} and len(payload["rows"]) == 2 * 3  # 2 classes + all, per rule
     assert "defects caught" in capsys.readouterr().out
+
+
+def test_a_bad_held_out_image_stops_training_before_anything_is_written(tmp_path: Path, capsys):
+    from builders import make_mvtec
+
+    root = make_mvtec(tmp_path / "d", {"bottle": {}}, n_train=10, n_good=0)
+    for f in (root / "bottle" / "train" / "good").glob("*.png"):
+        f.write_bytes(b"not an image")  # whichever is held out is unreadable
+    out = tmp_path / "out"
+    assert main(["train", "--data", f"mvtec:{root}", "--out", str(out), "--no-progress", *tiny_flags()]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train/good/" in err and "cannot read image" in err
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["train", "--data", f"mvtec:{root}", "--out", str(out), "--no-progress",
+                 *tiny_flags(batch_size=9)]) == 2
+    assert "left after --calibration-split 0.2 held out 2 of 10" in capsys.readouterr().err
+
+
+def test_content_box_and_inner_cells():
+    from hgad.calibration import _inner
+    from hgad.geometry import content_box
+
+    assert content_box(200, 100, "squash") == (0.0, 0.0, 1.0, 1.0)
+    assert content_box(200, 100, "pad") == (0.0, 0.25, 1.0, 0.75)
+    assert _inner(0.25, 0.75, 8) == slice(2, 6) and _inner(0.3, 0.7, 8) == slice(3, 5)
+    assert _inner(0.45, 0.5, 8) == slice(3, 4)  # no whole cell: the nearest one

@@ -99,10 +99,29 @@ def split_calibration(records: Sequence[ImageRecord], fraction: float, seed: int
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
-def image_logp(lm: LatentMaps) -> Tensor:
+def image_logp(lm: LatentMaps, boxes: Sequence[tuple[float, float, float, float]] | None = None) -> Tensor:
     """(B,) median over positions of the per-dimension log-likelihood, averaged over scales: the median
-    moves when the whole image is foreign, hardly for a local defect (that is the anomaly map's job)."""
-    return torch.stack([m.float().flatten(1).median(1).values for m in lm.logp]).mean(0)
+    moves when the whole image is foreign, hardly for a local defect (that is the anomaly map's job).
+
+    ``boxes`` (:func:`hgad.geometry.content_box`, one per image) keeps the positions wholly inside the
+    image: ``pad`` borders look alike in every image and would hold the median still.
+    """
+    levels = []
+    for m in lm.logp:
+        h, w = m.shape[1:]
+        per_image = []
+        for i in range(m.shape[0]):
+            x0, y0, x1, y1 = boxes[i] if boxes is not None else (0.0, 0.0, 1.0, 1.0)
+            rows, cols = _inner(y0, y1, h), _inner(x0, x1, w)
+            per_image.append(m[i, rows, cols].float().median())
+        levels.append(torch.stack(per_image))
+    return torch.stack(levels).mean(0)
+
+
+def _inner(lo: float, hi: float, n: int) -> slice:
+    """Cells of ``n`` lying wholly in [lo, hi] (as fractions); the nearest one when none does."""
+    start, stop = math.ceil(lo * n - 1e-6), math.floor(hi * n + 1e-6)
+    return slice(start, stop) if stop > start else slice(min(int(lo * n), n - 1), min(int(lo * n), n - 1) + 1)
 
 
 @torch.no_grad()
@@ -111,14 +130,18 @@ def score_records(model: HGAD, records: Sequence[ImageRecord], batch_size: int =
     cfg = model.cfg
     loader = torch.utils.data.DataLoader(
         ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm, cfg.resize), batch_size=batch_size)
+    from hgad.data import _header_size
+    from hgad.geometry import content_box
+
     out: dict[str, list[np.ndarray]] = {"scores": [], "confidence": [], "logp": []}
     for batch in loader:
         lm = model.latent_maps(model.extract(batch["image"]), batch["class_index"])
+        boxes = [content_box(*_header_size(records[int(i)].path), cfg.resize) for i in batch["index"]]
         maps = model.deploy_maps(lm)
         out["scores"].append(maps.flatten(1).amax(1).cpu().numpy())
         conf = lm.posterior.max(1).values if lm.posterior is not None else torch.full((len(maps),), math.nan)
         out["confidence"].append(conf.cpu().numpy())
-        out["logp"].append(image_logp(lm).cpu().numpy())
+        out["logp"].append(image_logp(lm, boxes).cpu().numpy())
     return {k: np.concatenate(v).astype(np.float64) if v else np.empty(0) for k, v in out.items()}
 
 
@@ -158,11 +181,18 @@ def train_calibrated(model: HGAD, records: Sequence[ImageRecord], run_dir: Path,
     writes ``model.safetensors`` (with the thresholds) and ``calibration.json``. Returns fit's result."""
     from hgad import distributed
     from hgad.checkpoint import save_model
+    from hgad.data import _open
     from hgad.training import fit
 
     cfg = model.cfg
     train, held = split_calibration(records, cfg.calibration_split, cfg.seed)
     if held:
+        if len(train) < cfg.batch_size <= len(records):
+            raise ConfigError("--batch-size", f"{cfg.batch_size} is larger than the {len(train)} training images "
+                              f"left after --calibration-split {cfg.calibration_split:g} held out {len(held)} of "
+                              f"{len(records)} (lower either)")
+        for r in held:  # a bad file must stop the run before training, not after it
+            _open(r.path)
         log(f"{len(held)} of the {len(records)} training images held out to calibrate the thresholds "
             f"(--calibration-split {cfg.calibration_split:g}); the flow trains on {len(train)}")
     fewest = min((sum(r.class_index == c for r in held) for c in range(model.n_classes)), default=0)

@@ -63,9 +63,9 @@ class HGADConfig:
     whiten: bool = _opt(True, "whiten the features with the training images' mean and covariance before the "
                         "flow (a short schedule starts from a Gaussian fit; the paper feeds raw features)")
     img_size: int = _opt(384, "input image size: every image becomes img_size x img_size as --resize says")
-    resize: str = _opt("squash", "how an image becomes a square: squash (whole image, aspect ratio not kept), "
-                       "pad (whole image, aspect kept, borders filled with the normalisation mean) or crop "
-                       "(shorter side resized, centre crop: the borders of non-square images are never seen)")
+    resize: str = _opt("squash", "how an image becomes a square: squash (whole image, aspect ratio not kept), pad "
+                       "(whole image, aspect kept, borders filled with the normalisation mean) or crop (shorter "
+                       "side resized, centre crop: the borders of non-square images are never seen)")
     map_size: int = _opt(256, "size of the anomaly maps and of the ground-truth masks")
     # flow (docs/method.md, "Conditional flow")
     n_blocks: int = _opt(8, "coupling blocks per flow")

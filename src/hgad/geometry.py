@@ -1,7 +1,7 @@
 """How an image of any shape becomes the model's square input, and how a map goes back to the image.
 
-Three modes (``--resize``): ``squash`` resizes the whole image to the square (aspect ratio not kept,
-as anomalib does), ``pad`` scales the longer side to the square and fills the borders, ``crop``
+Three modes (``--resize``): ``squash`` (default) resizes the whole image to the square (aspect ratio
+not kept, as anomalib does), ``pad`` scales the longer side to the square and fills the borders, ``crop``
 resizes the shorter side and keeps the centre (hgad 0.1; the borders of a non-square image are never
 seen). :func:`map_to_original` inverts each one, so maps, overlays and masks line up with the file.
 """
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["RESIZE_MODES", "ASPECT_TOLERANCE", "to_square", "map_to_original", "resized_size", "resize_crop",
-           "aspect_outlier"]
+           "aspect_outlier", "content_box"]
 
 RESIZE_MODES = ("squash", "crop", "pad")
 _FULL_RESIZE_MAX = 16  # aspect ratios up to 16:1 are resized whole (the historical, bit-exact path)
@@ -65,6 +65,15 @@ def to_square(im: Image.Image, size: int, mode: str, resample: Image.Resampling,
     out = Image.new(im.mode, (size, size), fill)
     out.paste(im.resize((w, h), resample=resample) if (w, h) != im.size else im, (left, top))
     return out
+
+
+def content_box(width: int, height: int, mode: str) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) as fractions of the square: the part that shows the image (``pad`` adds borders)."""
+    if mode != "pad":
+        return 0.0, 0.0, 1.0, 1.0
+    s = 1 << 12
+    left, top, w, h = _pad_box(width, height, s)
+    return left / s, top / s, (left + w) / s, (top + h) / s
 
 
 def map_to_original(amap: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:

@@ -23,6 +23,7 @@ from hgad.calibration import Calibration, image_logp, load_calibration
 from hgad.checkpoint import load_model
 from hgad.data import Catalog, ImageDataset, ImageRecord, preprocess
 from hgad.errors import ConfigError, InputError
+from hgad.geometry import content_box
 from hgad.metrics import image_metrics, pixel_metrics, summarise
 from hgad.model import HGAD, LatentMaps
 from hgad.review import hardest
@@ -139,8 +140,9 @@ class Detector:
         lm = model.latent_maps(model.extract(batch), classes)
         maps = model.deploy_maps(lm).cpu()
         check_finite_maps(maps, self.source)
-        logp = image_logp(lm).cpu()
         sizes = [im.size if isinstance(im, Image.Image) else None for im in images]
+        full = (0.0, 0.0, 1.0, 1.0)  # a preprocessed tensor: where the image lies is unknown
+        logp = image_logp(lm, [content_box(*s, model.cfg.resize) if s else full for s in sizes]).cpu()
         out = []
         for i in range(len(batch)):
             c = int(lm.classes[i])

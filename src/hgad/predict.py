@@ -166,8 +166,8 @@ def predict_paths(run_dir: Path, paths: list[Path], out: Path, *, threshold: flo
     if odd_shapes:
         train = detector.calibration.train_aspect
         print(f"hgad predict: warning: {len(odd_shapes)} image(s) have an aspect ratio (width/height) far from the "
-              f"training images' ({train[0]:.2f} to {train[1]:.2f}), e.g. {odd_shapes[0]}; the model saw them "
-              f"{detector.resize}ed, unlike anything it trained on", file=sys.stderr)
+              f"training images' ({train[0]:.2f} to {train[1]:.2f}), e.g. {odd_shapes[0]}; --resize "
+              f"{detector.resize} shows the model something it never trained on", file=sys.stderr)
     summary = PredictSummary(f"scored {len(files) - n_bad} of {len(files)} images ({n_anomalous} anomalous, "
                              f"{n_unknown} unknown, {n_bad} unreadable); results in {out / SCORES_FILE}")
     summary.n_files, summary.n_bad, summary.n_anomalous, summary.n_unknown = len(files), n_bad, n_anomalous, n_unknown
