@@ -51,7 +51,7 @@ class Prediction:
     is_anomalous: bool
     path: str | None = None
     is_unknown: bool = False  # out of every class's distribution (calibration images): never "normal"
-    image_size: tuple[int, int] | None = None  # (width, height) of the PIL image given, for map_at_original
+    image_size: tuple[int, int] | None = None  # (width, height) of a PIL image given (geometry.map_to_original)
 
     @property
     def decision(self) -> str:
