@@ -19,6 +19,7 @@ from hgad.cli import main
 from hgad.data import discover
 from hgad.errors import ConfigError
 from hgad.evaluation import evaluate
+from hgad.geometry import map_to_original
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +125,16 @@ def test_cli_test_writes_reports(tiny_run: Path, tmp_path: Path, capsys):
     assert metrics["protocol"] == "deploy" and set(metrics["per_class"]) == {"alpha", "bottle"}
     assert math.isfinite(metrics["mean"]["image_auroc"])
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 1 + 2 * 2  # histograms + examples of both classes
-    assert "Log-likelihood of normal vs defective" in html
+    assert html.count("data:image/png;base64,") == 1  # the histograms
+    assert html.count("data:image/jpeg;base64,") >= 2 * 2  # thumbnails: examples of both classes
+    assert "Log-likelihood of normal vs defective" in html and "Decisions at the deployed thresholds" in html
+    assert str(tiny_run.resolve()) in html and "worst miss first" in html  # provenance, review order
+    assert set(metrics["decisions"]) == {"alpha", "bottle"} and metrics["provenance"]["protocol"] == "deploy"
+    assert "thr_recall" in metrics["mean"] and "recall@thr" in printed and "FPR@thr" in printed
     rows = list(csv.DictReader((out / "image_scores.csv").open()))
     assert len(rows) == 9 and {r["scored_as"] for r in rows} <= {"alpha", "bottle"}
+    assert {r["decision"] for r in rows} <= {"anomalous", "normal"}
+    assert all((r["decision"] == "anomalous") == (float(r["score"]) > float(r["threshold"])) for r in rows)
 
 
 def test_cli_predict_reports_bad_files_and_scores_the_rest(tiny_run: Path, tiny_data: Path, tmp_path: Path,
@@ -149,10 +156,13 @@ def test_cli_predict_reports_bad_files_and_scores_the_rest(tiny_run: Path, tiny_
         row = rows[f"img{i}.png"]
         assert row["error"] == "" and float(row["score"]) >= 0
         png = np.array(Image.open(out / row["map"]))
-        assert png.dtype == np.uint16 and png.shape == (64, 64)
-        assert (out / "overlays" / f"img{i}.png").is_file()
+        assert png.dtype == np.uint16 and png.shape == (32, 32)  # the image's own size, not the 64 px map
+        assert Image.open(out / "overlays" / f"img{i}.png").size == (32, 32)
+        mask = np.array(Image.open(out / row["mask"]))
+        assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
+        assert row["decision"] in ("normal", "anomalous", "unknown") and 0 < float(row["class_confidence"]) <= 1
     assert main(["predict", str(tiny_run), str(folder / "img0.png"), "--out", str(tmp_path / "npy"),
                  "--map-format", "npy", "--no-progress"]) == 0
     amap = np.load(tmp_path / "npy" / "maps" / "img0.npy")
     [direct] = Detector.load(tiny_run, "cpu").predict(Image.open(folder / "img0.png"))
-    np.testing.assert_array_equal(amap, direct.anomaly_map)
+    np.testing.assert_array_equal(amap, map_to_original(direct.anomaly_map, 32, 32, "squash"))

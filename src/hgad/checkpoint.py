@@ -23,7 +23,8 @@ from hgad.model import HGAD
 from hgad.version import __version__
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESUME_FILE", "save_run_config", "save_model", "load_model",
-           "read_run_config", "read_tensors", "save_resume_state", "load_resume_state", "tensor_digest"]
+           "read_run_config", "read_tensors", "rewrite_model_tensors", "save_resume_state", "load_resume_state",
+           "tensor_digest"]
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -111,9 +112,13 @@ def _looks_pickled(path: Path) -> bool:
 
 def save_model(run_dir: Path, model: HGAD) -> Path:
     """Write the trained state (everything but the backbone) to ``run_dir/model.safetensors``, atomically."""
+    return rewrite_model_tensors(run_dir, model.trainable_state())
+
+
+def rewrite_model_tensors(run_dir: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``model.safetensors`` atomically with its checksum (also used to change stored thresholds)."""
     path = Path(run_dir) / MODEL_FILE
     # one metadata key only: safetensors writes metadata in hash-map order, which varies between runs
-    tensors = model.trainable_state()
     atomic_save_tensors(path, tensors, metadata=_stamp("hgad_version", {"version": __version__}, tensors))
     return path
 

@@ -41,6 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache": ("memory", "disk", "none"),
     "cache_dtype": ("float16", "bfloat16", "float32"),
     "device": ("auto", "cpu", "cuda"),
+    "resize": ("squash", "crop", "pad"),
 }
 
 
@@ -61,7 +62,10 @@ class HGADConfig:
                            "or imagenet (hgad 0.1 used ImageNet's for every backbone)")
     whiten: bool = _opt(True, "whiten the features with the training images' mean and covariance before the "
                         "flow (a short schedule starts from a Gaussian fit; the paper feeds raw features)")
-    img_size: int = _opt(384, "input image size (shorter side resize + centre crop)")
+    img_size: int = _opt(384, "input image size: every image becomes img_size x img_size as --resize says")
+    resize: str = _opt("squash", "how an image becomes a square: squash (whole image, aspect ratio not kept), pad "
+                       "(whole image, aspect kept, borders filled with the normalisation mean) or crop (shorter "
+                       "side resized, centre crop: the borders of non-square images are never seen)")
     map_size: int = _opt(256, "size of the anomaly maps and of the ground-truth masks")
     # flow (docs/method.md, "Conditional flow")
     n_blocks: int = _opt(8, "coupling blocks per flow")
@@ -104,7 +108,13 @@ class HGADConfig:
                               "needed by the mahalanobis score)")
     blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly maps (0 disables)")
     threshold_quantile: float = _opt(
-        0.99, "decision threshold = this quantile of the training images' scores, per class")
+        0.99, "decision threshold when a class has no calibration images: this quantile of its training "
+        "images' scores")
+    calibration_split: float = _opt(
+        0.2, "fraction of each class's training images held out from the flow to calibrate its decision "
+        "threshold and the unknown-input limits (0: none, thresholds from --threshold-quantile)")
+    target_fpr: float = _opt(0.05, "false-positive rate the calibrated threshold aims at on normal images "
+                             "(resolution: 1 / the calibration images of a class)")
 
     def __post_init__(self) -> None:
         self.taps = tuple(int(t) for t in self.taps)
@@ -148,6 +158,10 @@ class HGADConfig:
             raise ConfigError("--beta1/--beta2", "must be in (0, 1)")
         if not 0 < self.threshold_quantile <= 1:
             raise ConfigError("--threshold-quantile", f"must be in (0, 1], got {self.threshold_quantile}")
+        if not 0 <= self.calibration_split <= 0.5:
+            raise ConfigError("--calibration-split", f"must be in [0, 0.5], got {self.calibration_split}")
+        if not 0 < self.target_fpr < 1:
+            raise ConfigError("--target-fpr", f"must be in (0, 1), got {self.target_fpr}")
 
     def _check_features(self) -> None:
         """Backbone taps; a single-Gaussian prior scores with the log-likelihood alone."""
@@ -226,7 +240,8 @@ DEFAULT_PRESET = "fast"
 # Settings added after hgad 0.1 with the value that reproduces what 0.1 did: a run folder whose
 # config.json predates them is loaded with these, never with today's defaults.
 LEGACY_DEFAULTS: dict[str, Any] = {"feature_pool": 1, "input_norm": "imagenet", "whiten": False,
-                                   "score_norm": "max", "latent_gauss": False}
+                                   "score_norm": "max", "latent_gauss": False, "resize": "crop",
+                                   "calibration_split": 0.0}
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> HGADConfig:

@@ -21,7 +21,9 @@ from hgad.errors import ConfigError
 from hgad.map_stats import MapStats, Normalisation, compute_map_stats
 from hgad.metrics import image_metrics, pixel_metrics, summarise
 from hgad.model import HGAD, LatentMaps
+from hgad.review import hardest
 from hgad.scoring import check_finite_maps
+from hgad.thresholds import decision_metrics
 
 __all__ = ["PROTOCOLS", "CLASS_SOURCES", "EvalResult", "evaluate"]
 
@@ -49,6 +51,8 @@ class EvalResult:
     examples: dict[str, list[dict]] = field(default_factory=dict)  # class -> [{record, map}]
     image_only: list[str] = field(default_factory=list)  # classes with defects but no masks: no pixel metrics
     warnings: list[str] = field(default_factory=list)  # for stderr: e.g. anomalous images with empty masks
+    thresholds: np.ndarray | None = None  # (N,) deployed threshold that decided each image (deploy, run's score)
+    resize: str = "crop"  # how the model made the images square (hgad.geometry), for the report's thumbnails
 
 
 def _class_mapping(model: HGAD, catalog: Catalog, class_source: str) -> tuple[dict[int, int], list[str]]:
@@ -105,7 +109,9 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     if len(bad):
         first = records[int(bad[0])].path
         check_finite_maps(maps, "model", f"{len(bad)} of {len(records)} test images (first: {first})")
-    per_class, examples, image_only = _per_class(catalog, records, maps, masks, scores, predicted, mapping, n_examples)
+    thresholds = _deployed_thresholds(model, protocol, score, predicted)
+    per_class, examples, image_only = _per_class(catalog, records, maps, masks, scores, predicted, mapping, n_examples,
+                                                 thresholds)
     seen = true_model_cls >= 0
     accuracy = float((predicted[seen] == true_model_cls[seen]).float().mean()) if bool(seen.any()) else None
     return EvalResult(protocol=protocol, class_source=class_source, score=score, per_class=per_class,
@@ -113,9 +119,18 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
                       scores=scores.numpy(), predicted=predicted.numpy(),
                       model_classes=model.class_names, unseen=unseen,
                       histograms=_histograms(scored.hist), examples=examples, image_only=image_only,
+                      thresholds=thresholds, resize=model.cfg.resize,
                       warnings=[f"{len(empty_masks)} anomalous test image(s) have a mask that is all black at "
                                 f"map size {model.cfg.map_size} (first: {empty_masks[0]}); they add no defective "
                                 "pixel to the pixel metrics"] if empty_masks else [])
+
+
+def _deployed_thresholds(model: HGAD, protocol: str, score: str, predicted: Tensor) -> np.ndarray | None:
+    """(N,) stored threshold of each image's scoring class; None where they do not apply: they were
+    calibrated for the deploy maps of the run's own score only."""
+    if protocol != "deploy" or score != model.score_kind() or not bool(torch.isfinite(model.threshold).all()):
+        return None
+    return model.threshold.cpu()[predicted].numpy().astype(np.float64)
 
 
 def _check_request(model: HGAD, catalog: Catalog, protocol: str, class_source: str
@@ -142,7 +157,8 @@ def _score_batches(model: HGAD, records: list[ImageRecord], true_model_cls: Tens
     cfg = model.cfg
     # under torchrun each rank scores every world_size-th batch (whole batches: per-image results as alone)
     ctx = distributed.context()
-    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm),
+    loader = torch.utils.data.DataLoader(ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm,
+                                                      cfg.resize),
                                          batch_sampler=distributed.shard_batches(len(records), batch_size, ctx),
                                          num_workers=num_workers)
     norm = model.deploy_norm()
@@ -229,9 +245,10 @@ def _paper_maps(model: HGAD, kept: list[LatentMaps], true_model_cls: Tensor, pre
 
 
 def _per_class(catalog: Catalog, records: list[ImageRecord], maps: Tensor, masks: Tensor, scores: Tensor,
-               predicted: Tensor, mapping: dict[int, int], n_examples: int
+               predicted: Tensor, mapping: dict[int, int], n_examples: int, thresholds: np.ndarray | None
                ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict]], list[str]]:
-    """Metrics of each class, the report's example images, and the classes scored on image labels only."""
+    """Metrics of each class (with the deployed thresholds' when given), the report's example images (the
+    worst decisions first) and the classes scored on image labels only."""
     labels = torch.tensor([r.label for r in records])
     cls_idx = torch.tensor([r.class_index for r in records])
     per_class: dict[str, dict[str, float]] = {}
@@ -249,13 +266,14 @@ def _per_class(catalog: Catalog, records: list[ImageRecord], maps: Tensor, masks
             m.update(pixel_metrics(maps[with_mask].numpy(), masks[with_mask].numpy()))
         elif bool((labels[sel] == 1).any()):
             image_only.append(name)
+        if thresholds is not None:
+            m.update(decision_metrics(scores[sel].numpy(), labels[sel].numpy(), thresholds[sel.numpy()]))
         if mapping[c] >= 0:
             m["class_accuracy"] = float((predicted[sel] == mapping[c]).float().mean())
         per_class[name] = m
-        normal = [int(i) for i in sel if labels[i] == 0][:n_examples]
-        defect = _spread_over_types([int(i) for i in sel if labels[i] == 1], records, n_examples)
+        defect, normal = hardest(sel.tolist(), labels.numpy(), scores.numpy(), thresholds, n_examples)
         examples[name] = [{"record": records[i], "map": maps[i].numpy(), "score": float(scores[i]),
-                           "mask": masks[i].numpy()} for i in normal + defect]
+                           "mask": masks[i].numpy(), "index": i} for i in defect + normal]
     return per_class, examples, image_only
 
 
@@ -272,16 +290,3 @@ def _histograms(hist: dict[str, dict[str, list[Tensor]]]) -> dict[str, dict[str,
             histograms[name][g] = v.numpy()
     return histograms
 
-
-def _spread_over_types(indices: list[int], records: list[ImageRecord], n: int) -> list[int]:
-    """Up to ``n`` examples taken round-robin over defect types, so the report shows each kind."""
-    by_type: dict[str, list[int]] = {}
-    for i in indices:
-        by_type.setdefault(records[i].defect_type, []).append(i)
-    queues = list(by_type.values())
-    picked: list[int] = []
-    while len(picked) < n and any(queues):
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop(0))
-    return picked

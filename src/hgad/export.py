@@ -37,7 +37,8 @@ __all__ = ["INPUT_NAME", "OUTPUT_NAMES", "DEFAULT_OPSET", "InferenceGraph", "Exp
            "OnnxDetector"]
 
 _CHECK_TOLERANCE = 1e-3  # relative to max(1, |output|): more disagreement with PyTorch is a bug, never written
-_PREPROCESSING = ("RGB; shorter side resized to img_size (Lanczos) then centre-cropped; /255; "
+_PREPROCESSING = ("RGB; made img_size x img_size (Lanczos) as the resize entry says (squash: whole image; pad: "
+                  "longer side to img_size, borders the input_mean colour; crop: shorter side then centre crop); /255; "
                   "minus input_mean, divided by input_std (per channel); NCHW float32")
 
 
@@ -87,6 +88,7 @@ def _metadata(model: HGAD) -> dict[str, str]:
         "class_names": json.dumps(model.class_names),
         "thresholds": json.dumps(thresholds),  # null: no threshold (never anomalous)
         "img_size": str(model.cfg.img_size),
+        "resize": model.cfg.resize,
         "map_size": str(model.cfg.map_size),
         "score": model.cfg.score,
         "preprocessing": _PREPROCESSING,
@@ -197,7 +199,7 @@ class OnnxDetector:
     """An exported graph run with onnxruntime; same ``predict`` as :class:`hgad.api.Detector`."""
 
     def __init__(self, session: Any, class_names: list[str], thresholds: list[float], img_size: int,
-                 map_size: int, source: str = "model", norm: Norm = IMAGENET_NORM) -> None:
+                 map_size: int, source: str = "model", norm: Norm = IMAGENET_NORM, resize: str = "crop") -> None:
         self.session = session
         self.source = source
         self._class_names = class_names
@@ -205,6 +207,7 @@ class OnnxDetector:
         self.img_size = img_size
         self.map_size = map_size
         self.norm = norm
+        self.resize = resize
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", *,
@@ -229,6 +232,7 @@ class OnnxDetector:
             img_size, map_size = int(meta["img_size"]), int(meta["map_size"])
             mean, std = json.loads(meta["input_norm"]) if "input_norm" in meta else IMAGENET_NORM  # older exports
             norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+            resize = meta.get("resize", "crop")  # exports before --resize cropped
         except (KeyError, ValueError, TypeError) as err:
             raise InputError(path, f"not an ONNX model written by 'hgad export' (metadata: {err})") from None
         if run_dir is not None:
@@ -238,7 +242,7 @@ class OnnxDetector:
             if list(saved["class_names"]) != names or int(saved["config"].get("img_size", -1)) != img_size:
                 raise ConfigError("--onnx", f"{path} was not exported from {run_dir} (classes or image size "
                                             "differ)")
-        return cls(session, names, thresholds, img_size, map_size, str(path), norm)
+        return cls(session, names, thresholds, img_size, map_size, str(path), norm, resize)
 
     @property
     def class_names(self) -> list[str]:
@@ -248,7 +252,7 @@ class OnnxDetector:
     def preprocess(self, image: Image.Image | Tensor) -> Tensor:
         """A PIL image as the graph's (3, S, S) input; a tensor must already have that shape."""
         if isinstance(image, Image.Image):
-            return preprocess(image, self.img_size, self.norm)
+            return preprocess(image, self.img_size, self.norm, self.resize)
         if image.dim() != 3 or tuple(image.shape) != (3, self.img_size, self.img_size):
             size = self.img_size
             raise ConfigError("image", f"expected a preprocessed (3, {size}, {size}) tensor, "
@@ -266,5 +270,6 @@ class OnnxDetector:
         check_threshold_arg(threshold)
         batch = torch.stack([self.preprocess(im) for im in images]).float().cpu().numpy()
         maps, scores, classes, conf = self.session.run(None, {INPUT_NAME: batch})
+        sizes = [im.size if isinstance(im, Image.Image) else None for im in images]
         return to_predictions(maps, scores, classes, conf, self._class_names, self.thresholds, threshold,
-                              str(self.source))
+                              str(self.source), sizes=sizes)

@@ -74,7 +74,7 @@ class FeatureStore:
                  cache_dir: Path | None = None, progress: bool = True, batch_size: int = 16) -> None:
         self.model = model
         self.mode = cfg.cache
-        self.dataset = ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm)
+        self.dataset = ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm, cfg.resize)
         self.cfg = cfg
         self.levels: list[Tensor] = []
         if self.mode == "none":
@@ -117,7 +117,7 @@ class FeatureStore:
         c = self.cfg
         recs = [str(r.path) for r in self.dataset.records]
         return json.dumps([c.backbone, c.backbone_weights, c.feature_mode, list(c.taps), c.pyramid_levels,
-                           c.img_size, c.cache_dtype, c.feature_pool, c.input_norm, recs])
+                           c.img_size, c.cache_dtype, c.feature_pool, c.input_norm, c.resize, recs])
 
     def _save_disk(self, cache_dir: Path) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The ``hgad`` command line: demo-data, train, test, predict, info, ablate, export.
+"""The ``hgad`` command line: demo-data, train, test, predict, threshold, info, ablate, export.
 
 One module per command, each with ``add_parser(subparsers)`` and ``run(args) -> int``; shared
 arguments live in :mod:`hgad.cli.common`. Building the parser imports no torch, so ``--help`` and
@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from hgad.cli import ablate, demo_data, export, info, predict, test, train
+from hgad.cli import ablate, demo_data, export, info, predict, test, threshold, train
 from hgad.cli.common import Parser, add_config_flags, add_dataset_args, add_settings_args, resolve_config
 from hgad.errors import HgadError
 from hgad.version import __version__
@@ -24,7 +24,7 @@ from hgad.version import __version__
 __all__ = ["main", "build_parser", "add_config_flags", "add_dataset_args", "add_settings_args", "resolve_config"]
 
 # in the order `hgad --help` lists them
-_COMMANDS = (demo_data, train, test, predict, info, ablate, export)
+_COMMANDS = (demo_data, train, test, predict, threshold, info, ablate, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

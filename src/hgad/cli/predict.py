@@ -19,13 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """The ``predict`` sub-parser."""
     r = sub.add_parser(NAME, help="score image files or folders (no dataset layout needed)",
                        description="Score images with the deploy protocol. Writes, per image, the anomaly map "
-                       "(16-bit PNG whose full scale is the png16_full_scale column of scores.csv, or .npy) "
-                       "and a colour overlay, plus scores.csv.")
+                       "(16-bit PNG whose full scale is the png16_full_scale column of scores.csv, or .npy), "
+                       "a colour overlay and a binary mask, all at the image's own size, plus scores.csv.")
     r.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder written by hgad train")
     r.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders")
     r.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
-    r.add_argument("--threshold", type=float, help="decision threshold (default: the per-class one stored at "
-                   "training: the --threshold-quantile of the training images' scores)")
+    r.add_argument("--threshold", type=float, help="decision threshold (default: the per-class one stored in "
+                   "the run: calibrated on held-out images for --target-fpr, or set by 'hgad threshold')")
     r.add_argument("--class", dest="class_name", help="score every image as this class (default: inferred)")
     r.add_argument("--map-format", choices=("png16", "npy"), default="png16", help="anomaly map file format")
     add_device_args(r)

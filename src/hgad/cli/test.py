@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from hgad.evaluation import evaluate
     from hgad.io import check_output_folder, check_writable, whole_folder
     from hgad.report import markdown_table, write_reports
+    from hgad.review import test_provenance
 
     saved = read_run_config(args.run_dir)
     data = args.data or saved.get("data")
@@ -89,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for warning in result.warnings:
         print(f"hgad test: warning: {warning}", file=sys.stderr)
+    provenance = test_provenance(args.run_dir, saved, data, args.protocol, args.class_source, result.score)
     with whole_folder(out) as work:  # the report folder is replaced as a whole: never new metrics beside an old report
-        write_reports(result, work, html=not args.no_report, seconds=seconds)
+        write_reports(result, work, html=not args.no_report, seconds=seconds, provenance=provenance)
     names = ["metrics.json", "metrics.md", "image_scores.csv"] + ([] if args.no_report else ["report.html"])
     print(markdown_table(result))
     if result.unseen:

@@ -22,7 +22,7 @@ NAME = "train"
 # what `hgad train` (and `hgad test`'s default report folders) write in a run folder: only a folder
 # holding nothing else is replaced by --overwrite
 RUN_ENTRIES = ("config.json", "model.safetensors", "last.safetensors", "train_log.jsonl",
-               "train_summary.json", "cache")
+               "train_summary.json", "cache", "calibration.json")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -124,12 +124,12 @@ def _remove_leftovers(out: Path) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from hgad import distributed
+    from hgad.calibration import train_calibrated
     from hgad.checkpoint import CONFIG_FILE, RESUME_FILE
     from hgad.data import data_record
     from hgad.device import resolve_device
     from hgad.io import atomic_write_json, replace_folder
     from hgad.model import HGAD
-    from hgad.training import fit
 
     out: Path = args.out
     plan = _plan(args)
@@ -154,8 +154,8 @@ def _train(args: argparse.Namespace) -> int:
         f"{len(counts)} scales of dims {model.backbone.feature_dims}; trainable parameters per flow: "
         + ", ".join(f"{c:,}" for c in counts))
     try:
-        result = fit(model, catalog.train, work, resume=args.resume, progress=not args.no_progress,
-                     extra_config={"data": data_record(plan.data)})
+        result = train_calibrated(model, catalog.train, work, resume=args.resume, progress=not args.no_progress,
+                                  extra_config={"data": data_record(plan.data)}, log=say)
         if main and plan.replacing:
             replace_folder(work, out)  # the old run stays whole until the new one is complete
     except BaseException as err:

@@ -29,8 +29,10 @@ class ImageItem(NamedTuple):
 class ImageDataset(torch.utils.data.Dataset):
     """Records -> :class:`ImageItem` (image, mask and labels)."""
 
-    def __init__(self, records: Sequence[ImageRecord], img_size: int, mask_size: int, norm: Norm) -> None:
+    def __init__(self, records: Sequence[ImageRecord], img_size: int, mask_size: int, norm: Norm,
+                 resize: str = "crop") -> None:
         self.records = list(records)
+        self.resize = resize  # hgad.geometry mode, for image and mask alike
         self.img_size = img_size
         self.mask_size = mask_size
         self.norm = norm
@@ -45,9 +47,9 @@ class ImageDataset(torch.utils.data.Dataset):
             mask_im = open_image(rec.mask_path)
             if mask_im.size != im.size:
                 raise size_mismatch(rec.mask_path, mask_im.size, rec.path, im.size)
-            mask = mask_tensor(mask_im, self.mask_size)
+            mask = mask_tensor(mask_im, self.mask_size, self.resize)
         else:
             mask = torch.zeros(1, self.mask_size, self.mask_size, dtype=torch.float32)
-        return ImageItem(image=preprocess(im, self.img_size, self.norm), mask=mask,
+        return ImageItem(image=preprocess(im, self.img_size, self.norm, self.resize), mask=mask,
                          has_mask=rec.mask_path is not None or rec.label == 0, label=rec.label,
                          class_index=rec.class_index, index=i)

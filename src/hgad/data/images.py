@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 
 from hgad.errors import InputError, brief
+from hgad.geometry import to_square
 
 __all__ = ["IMAGE_EXTS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENET_NORM", "MAX_PIXELS", "Norm", "open_image",
-           "check_regular", "check_pair_sizes", "size_mismatch", "resize_crop", "preprocess", "load_image",
+           "check_regular", "header_size", "check_pair_sizes", "size_mismatch", "preprocess", "load_image",
            "mask_tensor", "load_mask", "is_image_file", "list_image_files"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -82,7 +83,7 @@ def _check_pixels(path: Path, size: tuple[int, int]) -> None:
                                f"{MAX_PIXELS:,}")
 
 
-def _header_size(path: Path) -> tuple[int, int]:
+def header_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels."""
     check_regular(path)
     if path.stat().st_size == 0:
@@ -105,7 +106,7 @@ def size_mismatch(mask_path: Path, mask_size: tuple[int, int], image_path: Path,
 
 def check_pair_sizes(image_path: Path, mask_path: Path) -> None:
     """Image and mask must have the same size (read from the headers, nothing decoded)."""
-    isize, msize = _header_size(image_path), _header_size(mask_path)
+    isize, msize = header_size(image_path), header_size(mask_path)
     if isize != msize:
         raise size_mismatch(mask_path, msize, image_path, isize)
 
@@ -149,54 +150,29 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, ...
 
 
-def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """Size after scaling the shorter side to ``size`` (aspect kept, longer side >= size)."""
-    if width <= height:
-        return size, max(size, round(height * size / width))
-    return max(size, round(width * size / height)), size
-
-
-_FULL_RESIZE_MAX = 16  # aspect ratios up to 16:1 are resized whole (the historical, bit-exact path)
-
-
-def resize_crop(im: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    """Shorter side to ``size`` then centre crop to ``size`` x ``size``.
-
-    Beyond an aspect ratio of 16:1 only the kept square is computed (``resize`` with a source box, the
-    same sample positions up to rounding): a 1x20000 strip must not become a 256x5120000 intermediate.
-    """
-    new_w, new_h = _resized_size(im.width, im.height, size)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    if new_w * new_h <= _FULL_RESIZE_MAX * size * size:  # usual shapes: resize all, then crop
-        if (new_w, new_h) != im.size:
-            im = im.resize((new_w, new_h), resample=resample)
-        return im.crop((left, top, left + size, top + size))
-    sx, sy = im.width / new_w, im.height / new_h
-    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    return im.resize((size, size), resample=resample, box=box)
-
-
 Norm = tuple[tuple[float, float, float], tuple[float, float, float]]
 IMAGENET_NORM: Norm = (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def preprocess(img: Image.Image, img_size: int, norm: Norm) -> torch.Tensor:
+def preprocess(img: Image.Image, img_size: int, norm: Norm, resize: str = "crop") -> torch.Tensor:
     """PIL image (any mode) -> (3, S, S) float32 tensor, normalised with ``norm = (mean, std)``.
 
-    The shorter side is resized to ``img_size`` with Lanczos, then the centre is cropped. ``norm`` is
+    Made square by ``resize`` (:func:`hgad.geometry.to_square`, Lanczos; ``pad`` borders are the mean
+    colour, i.e. 0 after normalisation). ``norm`` is
     the backbone's own input normalisation (``FeatureExtractor.norm``, from timm's ``pretrained_cfg``):
     EfficientNet-Lite was trained with 0.5/0.5, not ImageNet's statistics.
     """
-    rgb = resize_crop(_to_rgb(img), img_size, Image.Resampling.LANCZOS)
+    fill = tuple(round(255 * m) for m in norm[0])
+    rgb = to_square(_to_rgb(img), img_size, resize, Image.Resampling.LANCZOS, fill)
     arr = np.asarray(rgb, dtype=np.float32) / 255.0
     mean = np.asarray(norm[0], dtype=np.float32)
     std = np.asarray(norm[1], dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(((arr - mean) / std).transpose(2, 0, 1)))
 
 
-def load_image(path: Path, img_size: int, norm: Norm) -> torch.Tensor:
+def load_image(path: Path, img_size: int, norm: Norm, resize: str = "crop") -> torch.Tensor:
     """Read an image file and :func:`preprocess` it; unreadable files raise InputError."""
-    return preprocess(open_image(path), img_size, norm)
+    return preprocess(open_image(path), img_size, norm, resize)
 
 
 def _mask_to_binary(im: Image.Image) -> Image.Image:
@@ -210,19 +186,19 @@ def _mask_to_binary(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.where(arr > 0, 255, 0).astype(np.uint8), mode="L")
 
 
-def mask_tensor(im: Image.Image, size: int) -> torch.Tensor:
+def mask_tensor(im: Image.Image, size: int, resize: str = "crop") -> torch.Tensor:
     """A decoded mask as (1, S, S) float32 in {0, 1}, with the geometry of :func:`preprocess`."""
-    binary = resize_crop(_mask_to_binary(im), size, Image.Resampling.NEAREST)
+    binary = to_square(_mask_to_binary(im), size, resize, Image.Resampling.NEAREST)
     return torch.from_numpy((np.asarray(binary) > 0).astype(np.float32))[None]
 
 
-def load_mask(path: Path, size: int) -> torch.Tensor:
+def load_mask(path: Path, size: int, resize: str = "crop") -> torch.Tensor:
     """Read a mask file -> (1, S, S) float32 in {0, 1}.
 
-    Non-binary masks are accepted and binarised with ``> 0``; the geometry (nearest resize of the
-    shorter side, centre crop) matches :func:`preprocess` so mask and image stay aligned.
+    Non-binary masks are accepted and binarised with ``> 0``; the geometry (``resize``, nearest
+    resampling) matches :func:`preprocess` so mask and image stay aligned.
     """
-    return mask_tensor(open_image(path), size)
+    return mask_tensor(open_image(path), size, resize)
 
 
 def list_image_files(paths: Sequence[Path]) -> list[Path]:
