@@ -56,7 +56,7 @@ class ClassCalibration:
 
     images: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)  # deploy image scores
-    confidence: list[float] = field(default_factory=list)  # image-mean class posterior (nan: no posterior)
+    confidence: list[float] = field(default_factory=list)  # own class's image-mean posterior (nan: none)
     logp: list[float] = field(default_factory=list)  # image log-likelihood (:func:`image_logp`)
     quantile_threshold: float | None = None  # the --threshold-quantile of the training images' scores
     threshold_source: str = "training quantile"  # or "calibration (target FPR x)", "set by hand"
