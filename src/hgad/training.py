@@ -366,6 +366,10 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# the per-scale maps of LatentMaps that calibration gathers statistics of (also the buffer name parts)
+_MAP_KINDS = ("logp", "ent", "maha")
+
+
 @torch.no_grad()
 def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: int = 16,
               progress: bool = True) -> float:
@@ -382,44 +386,32 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
             yield store.get(idx), labels[idx]
 
     model.set_latent_stats(batches())  # before the maps: the mahalanobis maps need the class Gaussians
-    logp: list[list[Tensor]] = []
-    ent: list[list[Tensor]] = []
-    maha: list[list[Tensor]] = []
+    collected: dict[str, list[list[Tensor]]] = {kind: [] for kind in _MAP_KINDS}
     hits, total = 0, 0
     for feats, batch_labels in tqdm(batches(), total=len(starts), desc="calibrate", disable=not progress,
                                     leave=False):
         lm = model.latent_maps(feats, batch_labels)
-        logp.append([m.cpu() for m in lm.logp])
-        if lm.ent is not None:
-            ent.append([m.cpu() for m in lm.ent])
-        if lm.maha is not None:
-            maha.append([m.cpu() for m in lm.maha])
+        for kind, parts in collected.items():
+            if getattr(lm, kind) is not None:
+                parts.append([m.cpu() for m in getattr(lm, kind)])
         if lm.class_maps is not None:
             for cm in lm.class_maps:
                 hits += int((cm == lm.classes.view(-1, 1, 1)).sum())
                 total += cm.numel()
     y, size = model.n_classes, model.cfg.map_size
-    logp_levels = [torch.cat(level) for level in zip(*logp)]
-    ent_levels = [torch.cat(level) for level in zip(*ent)] if ent else None
-    maha_levels = [torch.cat(level) for level in zip(*maha)] if maha else None
-    stats_logp = compute_map_stats(logp_levels, labels, y, size)
-    stats_ent = compute_map_stats(ent_levels, labels, y, size) if ent_levels else None
-    model.set_stats(stats_logp, stats_ent)
+    levels = {kind: [torch.cat(level) for level in zip(*parts)] for kind, parts in collected.items() if parts}
+    model.set_stats(compute_map_stats(levels["logp"], labels, y, size),
+                    compute_map_stats(levels["ent"], labels, y, size) if "ent" in levels else None)
     if model.cfg.score_norm == "zscore":
-        model.set_position_stats("logp", compute_position_stats(logp_levels, labels, y))
-        if ent_levels:
-            model.set_position_stats("ent", compute_position_stats(ent_levels, labels, y))
-        if maha_levels:
-            model.set_position_stats("maha", compute_position_stats(maha_levels, labels, y))
+        for kind, maps in levels.items():
+            model.set_position_stats(kind, compute_position_stats(maps, labels, y))
     scores = torch.empty(n)
     norm, score = model.deploy_norm(), model.score_kind()
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        lm_logp = [m[sl].to(model.device) for m in logp_levels]
-        lm_ent = [m[sl].to(model.device) for m in ent_levels] if ent_levels else None
-        lm_maha = [m[sl].to(model.device) for m in maha_levels] if maha_levels else None
-        lm = LatentMaps(logp=lm_logp, ent=lm_ent, posterior=None, classes=labels[sl].to(model.device),
-                        maha=lm_maha)
+        batch = {kind: [m[sl].to(model.device) for m in maps] for kind, maps in levels.items()}
+        lm = LatentMaps(logp=batch["logp"], ent=batch.get("ent"), maha=batch.get("maha"), posterior=None,
+                        classes=labels[sl].to(model.device))
         scores[sl] = model.score_latent(lm, score=score, norm=norm).scores.cpu()
     for c in range(y):
         own = scores[labels == c]
