@@ -15,6 +15,11 @@ run's dataset in several other ways and prints image AUROC / pixel AUROC / AUPRO
 * ``half-pooled`` / ``class-wide`` — position statistics shrunk half-way to, or replaced by, the
   class's statistics over all positions;
 * ``logp + latent gauss`` — sum of the two standardised maps;
+* ``latent knn`` — distance to the nearest training latent of the class (a training image's own vectors
+  left out of its search), standardised per position (``class-wide``: per class only; ``k3``: mean of
+  the 3 nearest); ``input knn`` the same on the flow's input; ``latent gauss concat`` — one Gaussian of
+  the three scales' latents resized to the finest grid and concatenated; ``latent gauss + knn`` — sum of
+  the two standardised maps;
 * ``sigma`` — the latent Gaussian map blurred with another sigma (default: the run's, 4);
 * every map also with the image score as the mean of its top 1 % pixels instead of the maximum.
 
@@ -47,7 +52,7 @@ def _encode_all(model, records, classes_known: bool, batch: int = 16) -> dict[st
     from hgad.data import ImageDataset
 
     cfg = model.cfg
-    ds = ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm)
+    ds = ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm, cfg.resize)
     out: dict[str, Any] = {"x": [], "z": [], "logp": [], "classes": [], "masks": []}
     for start in range(0, len(ds), batch):
         items = [ds[i] for i in range(start, min(len(ds), start + batch))]
@@ -97,6 +102,41 @@ def _gauss_distance(train: torch.Tensor, train_cls: torch.Tensor, test: torch.Te
                 u = data[sel].double() - mean
                 dist[sel] = ((u @ prec) * u).sum(-1).clamp_min(0).sqrt()
     return d_train, d_test
+
+
+def _knn_distance(train: torch.Tensor, train_cls: torch.Tensor, test: torch.Tensor, test_cls: torch.Tensor,
+                  n_classes: int, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean distance of each vector (N, h, w, D) to its ``k`` nearest training vectors of its class.
+
+    A training image's own vectors are left out of its search (else every training distance is 0 and
+    the per-position statistics would be meaningless): the non-parametric counterpart of the Gaussian.
+    """
+    d_train = torch.zeros(train.shape[:3])
+    d_test = torch.zeros(test.shape[:3])
+    for c in range(n_classes):
+        own = train[train_cls == c].float()
+        if not len(own):
+            continue
+        n, h, w, d = own.shape
+        bank = own.reshape(-1, d)
+        owner = torch.arange(n).repeat_interleave(h * w)
+        idx = torch.nonzero(train_cls == c).flatten()
+        for j in range(n):
+            dist = torch.cdist(own[j].reshape(-1, d), bank)
+            dist[:, owner == j] = float("inf")
+            d_train[idx[j]] = dist.topk(k, dim=1, largest=False).values.mean(1).view(h, w)
+        for i in torch.nonzero(test_cls == c).flatten().tolist():
+            dist = torch.cdist(test[i].float().reshape(-1, d), bank)
+            d_test[i] = dist.topk(k, dim=1, largest=False).values.mean(1).view(h, w)
+    return d_train, d_test
+
+
+def _concat_scales(levels: list[torch.Tensor]) -> torch.Tensor:
+    """Vectors (N, h, w, D) of every scale resized to the finest grid and concatenated along D."""
+    h, w = levels[0].shape[1:3]
+    ups = [F.interpolate(v.permute(0, 3, 1, 2).float(), size=(h, w), mode="bilinear", align_corners=True)
+           for v in levels]
+    return torch.cat(ups, 1).permute(0, 2, 3, 1)
 
 
 def _standardise(train_maps: torch.Tensor, train_cls: torch.Tensor, test_maps: torch.Tensor,
@@ -182,7 +222,25 @@ def explore(run: Path, data: Path) -> dict[str, Any]:
         inp_pos.append(_standardise(d_tr, tc, d_te, ec, y, 1.0))
         d_tr, d_te = _gauss_distance(tr["x"][lvl], tc, te["x"][lvl], ec, y)
         inp.append(_standardise(d_tr, tc, d_te, ec, y, 1.0))
+    knn, knn_cls, knn3, inp_knn = [], [], [], []
+    for lvl in range(n_scales):
+        t = time.perf_counter()
+        d_tr, d_te = _knn_distance(tr["z"][lvl], tc, te["z"][lvl], ec, y)
+        knn.append(_standardise(d_tr, tc, d_te, ec, y, 1.0))
+        knn_cls.append(_standardise(d_tr, tc, d_te, ec, y, 1.0, 1.0))
+        d_tr, d_te = _knn_distance(tr["z"][lvl], tc, te["z"][lvl], ec, y, k=3)
+        knn3.append(_standardise(d_tr, tc, d_te, ec, y, 1.0))
+        d_tr, d_te = _knn_distance(tr["x"][lvl], tc, te["x"][lvl], ec, y)
+        inp_knn.append(_standardise(d_tr, tc, d_te, ec, y, 1.0))
+        print(f"knn scale {lvl}: {time.perf_counter() - t:.0f} s", flush=True)
+    d_tr, d_te = _gauss_distance(_concat_scales(tr["z"]), tc, _concat_scales(te["z"]), ec, y)
+    lat_cat = [_standardise(d_tr, tc, d_te, ec, y, 1.0)]
     variants = {
+        "latent knn": knn,
+        "latent knn class-wide": knn_cls,
+        "latent knn k3": knn3,
+        "input knn": inp_knn,
+        "latent gauss concat": lat_cat,
         "logp": logp_z,
         "logp fine": logp_z[:1],
         "logp fine+mid": logp_z[:2],
@@ -202,6 +260,8 @@ def explore(run: Path, data: Path) -> dict[str, Any]:
         variants_sigma[f"latent gauss sigma {s_:g}"] = s_
     variants["latent gauss fine+mid"] = lat[:2]
     variants_sigma["latent gauss fine+mid"] = sigma
+    variants["latent gauss + knn"] = [a + b for a, b in zip(lat, knn)]
+    variants_sigma["latent gauss + knn"] = sigma
     for name, levels in variants.items():
         maps = _to_map(levels, size, variants_sigma[name])
         results[name] = _metrics(cat, maps, te["masks"], None)

@@ -69,7 +69,7 @@ def test_one_class_product_score_falls_back_to_logp() -> None:
     """With one class the posterior is certain everywhere: the entropy map is identically 0, so the
     product would be a constant map; the log-likelihood map is used instead."""
     one, two = _tiny_model(1), _tiny_model(2)
-    assert one.score_kind("product") == "logp" and one.score_kind() == "mahalanobis"  # the default needs no posterior
+    assert one.score_kind("product") == "logp" and one.score_kind() == "mahalanobis+knn"  # needs no posterior
     assert two.score_kind("product") == "product" and two.score_kind("entropy") == "entropy"
     with pytest.raises(ConfigError, match="entropy needs"):
         one.score_kind("entropy")
@@ -88,7 +88,7 @@ def test_test_rescore_writes_its_own_folder(tiny_run: Path, capsys) -> None:
     assert metrics["score"] == "product"
     assert main(["test", str(tiny_run), "--no-progress", "--no-report"]) == 0
     default = json.loads((tiny_run / "test-deploy-inferred" / "metrics.json").read_text())
-    assert default["score"] == "mahalanobis"  # the fast preset's
+    assert default["score"] == preset("fast").score
     assert default["mean"]["pixel_auroc"] != metrics["mean"]["pixel_auroc"]
 
 
@@ -98,7 +98,7 @@ def test_one_class_cli_run_scores_with_the_default(tmp_path: Path, tiny_data: Pa
                  "--no-progress", *tiny_flags()]) == 0
     assert main(["test", str(run), "--classes", "bottle", "--no-progress", "--no-report"]) == 0
     metrics = json.loads((run / "test-deploy-inferred" / "metrics.json").read_text())
-    assert metrics["score"] == "mahalanobis"  # one class's Gaussian of the latents: defined for one class
+    assert metrics["score"] == "mahalanobis+knn"  # the class Gaussian and the memory bank need one class only
     assert 0.0 <= metrics["mean"]["image_auroc"] <= 1.0
 
 
@@ -237,17 +237,70 @@ def test_latent_gauss_fits_the_latents_of_each_class() -> None:
         legacy.score_kind("mahalanobis")
 
 
-def test_mahalanobis_run_scores_alone_as_in_a_batch(tiny_data: Path, tmp_path: Path, capsys) -> None:
+def test_nearest_distance_by_hand() -> None:
+    from hgad.scoring import nearest_distance
+
+    z = torch.tensor([[[0.0, 0.0], [3.0, 4.0]]])  # one image, two vectors
+    bank = torch.tensor([[[1.0, 0.0], [3.0, 3.0], [10.0, 10.0]]])
+    # nearest rows: (1, 0) at 1 and (3, 3) at 1; the chunk size (2 then 1 row) changes nothing
+    torch.testing.assert_close(nearest_distance(z, bank, chunk=2), torch.tensor([[1.0, 1.0]]))
+    # row 0 banned: (0, 0) must go to (3, 3), at sqrt(18)
+    banned = torch.tensor([[True, False, False]])
+    torch.testing.assert_close(nearest_distance(z, bank, banned, chunk=2), torch.tensor([[18.0 ** 0.5, 1.0]]))
+
+
+def test_knn_bank_holds_each_class_latents_and_leaves_an_image_out() -> None:
+    model = _tiny_model(2)
+    assert model.cfg.latent_knn and "knn_bank0" in model.trainable_state()
+    torch.manual_seed(0)
+    feats = [model.extract(torch.rand(4, 3, 64, 64)) for _ in range(2)]
+    labels = [torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 1, 0])]
+    model.set_knn_bank(zip(feats, labels))
+    y = torch.cat(labels)
+    for lvl in range(2):
+        z = torch.cat([model.encode(f[lvl], lvl)[0].view(4, -1, f[lvl].shape[1]) for f in feats])
+        bank = getattr(model, f"knn_bank{lvl}")
+        assert bank.shape[1] == model.cfg.latent_knn * z.shape[1]  # 32 images' worth: 4 images, repeated
+        for c in range(2):
+            own = z[y == c].reshape(-1, z.shape[-1])
+            # every row of the bank is one of the class's latents, and every latent is in the bank
+            dist = torch.cdist(bank[c], own, compute_mode="donot_use_mm_for_euclid_dist")
+            assert bool(dist.amin(1).max() < 1e-5) and bool(dist.amin(0).max() < 1e-5)
+    # scored as a member of the bank, an image finds itself (distance 0); left out, it does not
+    member = model.latent_maps(feats[0], labels[0])
+    idx = torch.tensor([0, 1, 2, 3])  # the first batch's images, in set_knn_bank's order
+    left_out = model.latent_maps(feats[0], labels[0], images=idx)
+    assert all(bool((m.abs() < 1e-3).all()) for m in member.knn)
+    assert all(bool((m < -1e-3).all()) for m in left_out.knn)
+    model.forget_knn_owners()
+    with pytest.raises(RuntimeError, match="calibration"):
+        model.latent_maps(feats[0], labels[0], images=idx)
+    legacy = HGAD(dataclasses.replace(model.cfg, latent_knn=0, score="mahalanobis"), ["a", "b"])
+    assert "knn_bank0" not in legacy.trainable_state() and legacy.latent_maps(feats[0]).knn is None
+    with pytest.raises(ConfigError, match="latent-knn"):
+        legacy.score_kind("mahalanobis+knn")
+
+
+@pytest.mark.parametrize("score", ["mahalanobis", "mahalanobis+knn"])
+def test_latent_scores_score_alone_as_in_a_batch(score: str, tiny_data: Path, tmp_path: Path, capsys) -> None:
     from PIL import Image
 
     from hgad.api import Detector
 
     run = tmp_path / "m"
+    knn = int("knn" in score) * 32
     assert main(["train", "--data", f"mvtec:{tiny_data}", "--out", str(run), "--no-progress",
-                 *tiny_flags(score="mahalanobis")]) == 0
+                 *tiny_flags(score=score, latent_knn=knn)]) == 0
+    if not knn:  # as the previous version wrote it: no latent_knn key, which must load as 0 (no bank)
+        data = json.loads((run / "config.json").read_text())
+        data["config"].pop("latent_knn")
+        (run / "config.json").write_text(json.dumps(data))
     det = Detector.load(run, device="cpu")
-    assert det.model.cfg.score == "mahalanobis" and "z_maha_std0" in det.model.trainable_state()
+    assert det.model.cfg.latent_knn == knn
+    assert det.model.cfg.score == score and "z_maha_std0" in det.model.trainable_state()
     assert float(det.model.z_maha_std0.min()) > 0 and bool(det.model.lat_root0.abs().sum() > 0)
+    if "knn" in score:
+        assert float(det.model.z_knn_std0.min()) > 0 and bool(det.model.knn_bank0.abs().sum() > 0)
     files = sorted(tiny_data.glob("*/test/*/*.png"))[:3]
     images = [Image.open(f).convert("RGB") for f in files]
     batch = det.predict(images)
@@ -255,7 +308,7 @@ def test_mahalanobis_run_scores_alone_as_in_a_batch(tiny_data: Path, tmp_path: P
     assert alone.score == pytest.approx(batch[0].score, rel=1e-4, abs=1e-4)
     assert main(["test", str(run), "--no-progress", "--no-report"]) == 0
     metrics = json.loads((run / "test-deploy-inferred" / "metrics.json").read_text())
-    assert metrics["score"] == "mahalanobis" and 0 <= metrics["mean"]["pixel_auroc"] <= 1
+    assert metrics["score"] == score and 0 <= metrics["mean"]["pixel_auroc"] <= 1
     pytest.importorskip("onnxruntime")
     from hgad.export import OnnxDetector
 
@@ -268,6 +321,6 @@ def test_mahalanobis_run_scores_alone_as_in_a_batch(tiny_data: Path, tmp_path: P
     paper = json.loads((run / "test-paper-inferred" / "metrics.json").read_text())
     assert paper["score"] == "product"
     capsys.readouterr()
-    assert main(["test", str(run), "--protocol", "paper", "--score", "mahalanobis", "--no-progress",
+    assert main(["test", str(run), "--protocol", "paper", "--score", score, "--no-progress",
                  "--no-report"]) == 2
-    assert "mahalanobis" in capsys.readouterr().err
+    assert score in capsys.readouterr().err

@@ -66,10 +66,11 @@ def _maps() -> dict[str, torch.Tensor]:
 
 
 def _latents() -> dict[str, torch.Tensor]:
-    """Per image: 5 latent vectors, and the mean and root precision of the image's class."""
+    """Per image: 5 latent vectors, the mean and root precision of the image's class, a memory bank of 7 rows."""
     gen = torch.Generator().manual_seed(4)
     return {"z": torch.randn(4, 5, D, generator=gen), "mean": torch.randn(4, D, generator=gen),
-            "root": torch.eye(D) + 0.1 * torch.randn(4, D, D, generator=gen)}
+            "root": torch.eye(D) + 0.1 * torch.randn(4, D, D, generator=gen),
+            "bank": torch.randn(4, 7, D, generator=gen)}
 
 
 def _hgad(stage: int) -> Callable[[dict, HierarchicalPrior], torch.Tensor]:
@@ -116,6 +117,8 @@ SCORES = {
     "image_scores": Case(lambda x: scoring.image_scores(x["m0"]), _maps, {"m0"}, "per-item"),
     "mahalanobis": Case(lambda x: scoring.mahalanobis(x["z"], x["mean"], x["root"]), _latents,
                         {"z", "mean", "root"}, "per-item"),
+    "nearest_distance": Case(lambda x: scoring.nearest_distance(x["z"], x["bank"], chunk=3), _latents,
+                             {"z", "bank"}, "per-item"),
 }
 
 CASES = {**LOSSES, **SCORES}

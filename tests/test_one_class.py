@@ -22,6 +22,6 @@ def test_one_class_default_model_finds_brick_defects(tmp_path: Path, capsys) -> 
                  "--no-progress"]) == 0
     assert main(["test", str(run), "--no-progress", "--no-report"]) == 0
     metrics = json.loads((run / "test-deploy-inferred" / "metrics.json").read_text())
-    assert metrics["score"] == "mahalanobis"
+    assert metrics["score"] == "mahalanobis+knn"
     assert list(metrics["per_class"]) == ["brick"]
     assert metrics["mean"]["pixel_auroc"] >= 0.80, metrics["mean"]

@@ -334,8 +334,8 @@ def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | Non
         if score == cfg.score:
             found[score] = own["mean"]
             continue
-        if score == "mahalanobis" and not cfg.latent_gauss:
-            continue  # the run has no class Gaussians of the latents
+        if ("maha" in score and not cfg.latent_gauss) or ("knn" in score and not cfg.latent_knn):
+            continue  # the run has no class Gaussians of the latents / no memory bank
         eval_dir = run_dir / f"{EVAL_DIR}-score-{score}"
         if not (eval_dir / "metrics.json").is_file():
             log(f"{tag}: re-scoring with --score {score}")

@@ -37,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prior": ("hgmm", "gaussian"),
     "input_norm": ("backbone", "imagenet"),
     "score_norm": ("max", "zscore"),
-    "score": ("product", "logp", "entropy", "mahalanobis"),
+    "score": ("product", "logp", "entropy", "mahalanobis", "knn", "mahalanobis+knn"),
     "cache": ("memory", "disk", "none"),
     "cache_dtype": ("float16", "bfloat16", "float32"),
     "device": ("auto", "cpu", "cuda"),
@@ -98,14 +98,19 @@ class HGADConfig:
     amp: bool = _opt(True, "bf16 autocast for the flows on CUDA (ignored on CPU)")
     num_workers: int = _opt(0, "DataLoader workers for image decoding")
     # scoring (docs/method.md, "Scoring")
-    score: str = _opt("mahalanobis", "pixel score: product of both maps (paper), logp only, entropy only, or "
-                      "mahalanobis (distance of the latent vector to its class's Gaussian; needs latent_gauss)")
+    score: str = _opt("mahalanobis+knn", "pixel score: product of both maps (paper), logp only, entropy only, "
+                      "mahalanobis (distance of the latent vector to its class's Gaussian; needs latent_gauss), knn "
+                      "(distance to the nearest training latent of its class; needs latent_knn) or mahalanobis+knn "
+                      "(the sum of both standardised maps)")
     score_norm: str = _opt("zscore", "deploy normalisation of the maps: max (the release's: exp(m - max), summed, "
                            "s_max - S) or zscore (per class and position: (mean - m) / std over the training "
                            "images, summed over scales; with zscore, product means the sum of both z maps)")
     latent_gauss: bool = _opt(True, "after training, fit one Gaussian (mean, full covariance) per class and scale "
                               "to the training images' latent vectors, stored with the model (zscore only; "
                               "needed by the mahalanobis score)")
+    latent_knn: int = _opt(32, "after training, keep up to this many training images' worth of latent vectors per "
+                           "class and scale (a random sample) with the model as the memory bank of the knn score "
+                           "(0: none; zscore only)")
     blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly maps (0 disables)")
     threshold_quantile: float = _opt(
         0.99, "decision threshold when a class has no calibration images: this quantile of its training "
@@ -169,13 +174,18 @@ class HGADConfig:
             raise ConfigError("--taps", f"need one or more non-negative indices, got {self.taps}")
         if self.feature_mode == "pyramid" and len(self.taps) != 1:
             raise ConfigError("--taps", "pyramid mode uses exactly one tap")
-        if self.score == "mahalanobis" and self.score_norm != "zscore":
-            raise ConfigError("--score", "mahalanobis needs --score-norm zscore")
-        if self.latent_gauss and self.score_norm != "zscore":
-            self.latent_gauss = False  # its maps are only ever used standardised per position
-        if self.score == "mahalanobis" and not self.latent_gauss:
-            raise ConfigError("--score", "mahalanobis needs --latent-gauss (the class Gaussians of the latents)")
-        if self.prior == "gaussian" and self.score not in ("logp", "mahalanobis"):
+        if self.latent_knn < 0:
+            raise ConfigError("--latent-knn", f"must be >= 0, got {self.latent_knn}")
+        latent_scores = {"mahalanobis": "maha" in self.score, "knn": "knn" in self.score}
+        if any(latent_scores.values()) and self.score_norm != "zscore":
+            raise ConfigError("--score", f"{self.score} needs --score-norm zscore")
+        if self.score_norm != "zscore":  # their maps are only ever used standardised per position
+            self.latent_gauss, self.latent_knn = False, 0
+        if latent_scores["mahalanobis"] and not self.latent_gauss:
+            raise ConfigError("--score", f"{self.score} needs --latent-gauss (the class Gaussians of the latents)")
+        if latent_scores["knn"] and not self.latent_knn:
+            raise ConfigError("--score", f"{self.score} needs --latent-knn N > 0 (a memory bank of training latents)")
+        if self.prior == "gaussian" and not (self.score == "logp" or any(latent_scores.values())):
             # a single Gaussian has no class posterior, hence no entropy map
             self.score = "logp"
 
@@ -209,6 +219,7 @@ _PAPER: dict[str, Any] = {
     "input_norm": "backbone",  # tf_efficientnet_b6 was trained with ImageNet's statistics: the same values
     "whiten": False,
     "latent_gauss": False,
+    "latent_knn": 0,
     "taps": (3,),
     "pyramid_levels": 3,
     "img_size": 1024,
@@ -240,7 +251,7 @@ DEFAULT_PRESET = "fast"
 # Settings added after hgad 0.1 with the value that reproduces what 0.1 did: a run folder whose
 # config.json predates them is loaded with these, never with today's defaults.
 LEGACY_DEFAULTS: dict[str, Any] = {"feature_pool": 1, "input_norm": "imagenet", "whiten": False,
-                                   "score_norm": "max", "latent_gauss": False, "resize": "crop",
+                                   "score_norm": "max", "latent_gauss": False, "latent_knn": 0, "resize": "crop",
                                    "calibration_split": 0.0}
 
 

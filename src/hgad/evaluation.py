@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from hgad import distributed
 from hgad.data import Catalog, ImageDataset, ImageRecord
 from hgad.errors import ConfigError
-from hgad.map_stats import MapStats, Normalisation, compute_map_stats
+from hgad.map_stats import SCORE_PARTS, MapStats, Normalisation, compute_map_stats
 from hgad.metrics import image_metrics, pixel_metrics, summarise
 from hgad.model import HGAD, LatentMaps
 from hgad.review import hardest
@@ -87,11 +87,12 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
              score: str | None = None) -> EvalResult:
     """Score the test split of ``catalog`` and compute the metrics per class and their mean.
 
-    ``score`` re-scores with another pixel score (``product``, ``logp``, ``entropy``, ``mahalanobis``) without
-    retraining. The paper protocol normalises like the release, which has no ``mahalanobis`` map: a model
-    configured with it is scored there with the release's ``product``.
+    ``score`` re-scores with another pixel score (``product``, ``logp``, ``entropy``, ``mahalanobis``, ``knn``,
+    ``mahalanobis+knn``) without retraining. The paper protocol normalises like the release, which has
+    neither the class-Gaussian nor the memory-bank map: a model configured with them is scored there with
+    the release's ``product``.
     """
-    if protocol == "paper" and score is None and model.score_kind() == "mahalanobis":
+    if protocol == "paper" and score is None and set(SCORE_PARTS[model.score_kind()]) & {"maha", "knn"}:
         score = "product"
     score = model.score_kind(score)
     mapping, unseen = _check_request(model, catalog, protocol, class_source)

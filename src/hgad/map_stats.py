@@ -22,11 +22,14 @@ __all__ = ["MapStats", "PositionStats", "Normalisation", "SCORE_PARTS", "compute
            "compute_position_stats"]
 
 # the latent maps each pixel score is made of
-SCORE_PARTS = {"product": ("logp", "ent"), "logp": ("logp",), "entropy": ("ent",), "mahalanobis": ("maha",)}
+SCORE_PARTS = {"product": ("logp", "ent"), "logp": ("logp",), "entropy": ("ent",), "mahalanobis": ("maha",),
+               "knn": ("knn",), "mahalanobis+knn": ("maha", "knn")}
 
 _NEEDS = {"logp": "a log-likelihood map", "ent": "a model of two or more classes with the hgmm prior",
           "maha": "the class Gaussians of the latents (--latent-gauss) and the per-position statistics of the "
-                  "deploy protocol (--score-norm zscore)"}
+                  "deploy protocol (--score-norm zscore)",
+          "knn": "the memory bank of training latents (--latent-knn) and the per-position statistics of the deploy "
+                 "protocol (--score-norm zscore)"}
 _MIN_STD = 1e-3  # floor of a per-position standard deviation (one training image, or a constant map)
 
 
@@ -63,18 +66,21 @@ class Normalisation:
     :class:`MapStats` (the release's max normalisation) make a part ``s_max - S``, clamped at 0 when
     ``clamp`` (deploy) and multiplied over parts; :class:`PositionStats` (``zscore``) make per-position
     z-scores, summed over parts. ``ent`` is None for models without an entropy map, ``maha`` for models
-    without class Gaussians of the latents (and for the release's max normalisation, which has none).
+    without class Gaussians of the latents, ``knn`` for models without a memory bank (both are None under
+    the release's max normalisation, which has neither).
     """
 
     logp: MapStats | PositionStats
     ent: MapStats | PositionStats | None
     clamp: bool = False
     maha: PositionStats | None = None
+    knn: PositionStats | None = None
 
     def maps(self, latent: Mapping[str, Sequence[Tensor] | None], score: str, rows: Tensor, out_size: int,
              sigma: float) -> Tensor:
-        """Anomaly maps (B, out, out) of pixel score ``score`` from the per-scale ``latent["logp"]`` /
-        ``latent["ent"]`` / ``latent["maha"]`` maps, each image normalised by the statistics rows ``rows`` (B,)."""
+        """Anomaly maps (B, out, out) of pixel score ``score`` from the per-scale latent maps of each kind
+        (``latent["logp"]``, ``"ent"``, ``"maha"``, ``"knn"``), each image normalised by the statistics rows
+        ``rows`` (B,)."""
         total: Tensor | None = None
         for part in SCORE_PARTS[score]:
             stats, levels = getattr(self, part), latent[part]

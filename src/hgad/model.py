@@ -29,6 +29,7 @@ from hgad.scoring import (
     image_scores,
     log_likelihood,
     mahalanobis,
+    nearest_distance,
     neg_entropy,
 )
 
@@ -48,6 +49,7 @@ class LatentMaps:
     classes: Tensor  # (B,) class whose intra-class mixture scored each image
     class_maps: list[Tensor] | None = None  # per scale (B, h, w): most probable class of each vector
     maha: list[Tensor] | None = None  # per scale (B, h, w): minus the latent's distance to its class Gaussian
+    knn: list[Tensor] | None = None  # per scale (B, h, w): minus the distance to the nearest banked latent
 
     def to(self, device: torch.device | str) -> LatentMaps:
         """The same maps on ``device``."""
@@ -56,7 +58,8 @@ class LatentMaps:
 
         return LatentMaps(logp=move(self.logp), ent=move(self.ent),
                           posterior=None if self.posterior is None else self.posterior.to(device),
-                          classes=self.classes.to(device), class_maps=move(self.class_maps), maha=move(self.maha))
+                          classes=self.classes.to(device), class_maps=move(self.class_maps), maha=move(self.maha),
+                          knn=move(self.knn))
 
 
 @dataclass
@@ -103,7 +106,7 @@ class HGAD(nn.Module):
         self.register_buffer("threshold", torch.full((n_classes,), float("inf")))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         if cfg.score_norm == "zscore":  # per class and position statistics of the training maps (calibrate)
-            kinds = ("logp", "ent", "maha") if cfg.latent_gauss else ("logp", "ent")
+            kinds = ("logp", "ent") + ("maha",) * cfg.latent_gauss + ("knn",) * bool(cfg.latent_knn)
             for lvl, (h, w) in enumerate(self.backbone.scale_shapes(cfg.img_size)):
                 for kind in kinds:
                     self.register_buffer(f"z_{kind}_mean{lvl}", torch.zeros(n_classes, h, w))
@@ -112,6 +115,10 @@ class HGAD(nn.Module):
             for lvl, d in enumerate(dims):
                 self.register_buffer(f"lat_mean{lvl}", torch.zeros(n_classes, d))
                 self.register_buffer(f"lat_root{lvl}", torch.eye(d).repeat(n_classes, 1, 1))
+        if cfg.latent_knn:  # each class's sample of training latents, set by set_knn_bank()
+            for lvl, ((h, w), d) in enumerate(zip(self.backbone.scale_shapes(cfg.img_size), dims)):
+                self.register_buffer(f"knn_bank{lvl}", torch.zeros(n_classes, cfg.latent_knn * h * w, d))
+        self._knn_owner: list[Tensor] | None = None  # (Y, M) training image of each bank row, while calibrating
         if cfg.whiten:  # mean and whitening matrix of the training features, set by set_feature_stats()
             for lvl, d in enumerate(dims):
                 self.register_buffer(f"feat_mean{lvl}", torch.zeros(d))
@@ -228,11 +235,15 @@ class HGAD(nn.Module):
 
     # ---- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
-    def latent_maps(self, feats: list[Tensor], classes: Tensor | None = None) -> LatentMaps:
-        """Per-scale log-likelihood and negative-entropy maps.
+    def latent_maps(self, feats: list[Tensor], classes: Tensor | None = None, *,
+                    images: Tensor | None = None) -> LatentMaps:
+        """Per-scale log-likelihood and negative-entropy maps (and the class-Gaussian and memory-bank maps
+        where the model has them).
 
         ``classes`` given: the known-class protocol; ``None``: each image is scored under the class
-        of highest image-mean posterior (docs/method.md, "Which class scores an image").
+        of highest image-mean posterior (docs/method.md, "Which class scores an image"). ``images``
+        (B,): indices of training images in the memory bank being calibrated, whose own rows they may not
+        use (see :meth:`set_knn_bank`).
         """
         b = feats[0].shape[0]
         zs = [self.encode(f, lvl) for lvl, f in enumerate(feats)]
@@ -240,7 +251,8 @@ class HGAD(nn.Module):
         if self.priors is None:
             logp = [gaussian_log_likelihood(z, logdet).view(b, h, w) for (z, logdet), (h, w) in zip(zs, shapes)]
             cls = (classes if classes is not None else torch.zeros(b, dtype=torch.long)).to(self.device).long()
-            return LatentMaps(logp=logp, ent=None, posterior=None, classes=cls, maha=self._maha(zs, shapes, cls))
+            return LatentMaps(logp=logp, ent=None, posterior=None, classes=cls, maha=self._maha(zs, shapes, cls),
+                              knn=self._knn(zs, shapes, cls, images))
         post = torch.zeros(b, self.n_classes, device=self.device)
         count = 0
         class_maps = []
@@ -257,7 +269,7 @@ class HGAD(nn.Module):
             logp.append(log_likelihood(z, logdet, vec_cls, prior.intra_centres(), prior.log_w()).view(b, h, w))
             ent.append(neg_entropy(z, prior.mu).view(b, h, w))
         return LatentMaps(logp=logp, ent=ent, posterior=post, classes=cls, class_maps=class_maps,
-                          maha=self._maha(zs, shapes, cls))
+                          maha=self._maha(zs, shapes, cls), knn=self._knn(zs, shapes, cls, images))
 
     def _maha(self, zs: list[tuple[Tensor, Tensor]], shapes: list, cls: Tensor) -> list[Tensor] | None:
         """Per scale (B, h, w): minus the distance of each latent to its image's class Gaussian (a log-map:
@@ -270,6 +282,72 @@ class HGAD(nn.Module):
             # batch size as -1: an ONNX trace keeps it dynamic
             out.append(-mahalanobis(z.view(-1, int(h) * int(w), z.shape[1]), mean, root).view(-1, int(h), int(w)))
         return out
+
+    def _knn(self, zs: list[tuple[Tensor, Tensor]], shapes: list, cls: Tensor, images: Tensor | None
+             ) -> list[Tensor] | None:
+        """Per scale (B, h, w): minus the distance of each latent to the nearest row of its class's memory bank
+        (higher is more normal); ``None`` without ``latent_knn``."""
+        if not self.cfg.latent_knn:
+            return None
+        out = []
+        for lvl, ((z, _), (h, w)) in enumerate(zip(zs, shapes)):
+            banned = None
+            if images is not None:
+                if self._knn_owner is None:
+                    raise RuntimeError("images given outside the calibration of the memory bank")
+                banned = self._knn_owner[lvl].to(cls.device)[cls] == images.to(cls.device).view(-1, 1)
+                banned &= ~banned.all(1, keepdim=True)  # a class of one image: nothing else to compare with
+            bank = getattr(self, f"knn_bank{lvl}")[cls]
+            out.append(-nearest_distance(z.view(-1, int(h) * int(w), z.shape[1]), bank, banned
+                                         ).view(-1, int(h), int(w)))
+        return out
+
+    @torch.no_grad()
+    def set_knn_bank(self, batches) -> None:
+        """Fill each class's memory bank with a random sample of its training latents (``latent_knn``).
+
+        ``batches`` yields ``(per-scale features, labels)`` of the training images in a fixed order. The
+        non-parametric counterpart of the class Gaussian: a latent far from every training latent of its
+        class is anomalous even where the Gaussian's ellipsoid covers it. A class with fewer vectors than
+        the bank holds repeats them (a repeated row never changes a nearest distance). Which training image
+        each row came from is kept until :meth:`forget_knn_owners`, so that calibration can score a training
+        image against a bank without its own vectors (else its distances are zero).
+        """
+        if not self.cfg.latent_knn:
+            return
+        per_level: list[list[Tensor]] = []
+        labels_all: list[Tensor] = []
+        for feats, labels in batches:
+            labels_all.append(labels.cpu().long())
+            for lvl, f in enumerate(feats):
+                z = self.encode(f, lvl)[0].cpu().view(len(labels), -1, f.shape[1])
+                if lvl == len(per_level):
+                    per_level.append([])
+                per_level[lvl].append(z)
+        labels = torch.cat(labels_all)
+        owners = []
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        for lvl, parts in enumerate(per_level):
+            z = torch.cat(parts)  # (N, h*w, D)
+            bank = getattr(self, f"knn_bank{lvl}")
+            size = bank.shape[1]
+            owner = torch.full((self.n_classes, size), -1, dtype=torch.long)
+            for c in range(self.n_classes):
+                idx = torch.nonzero(labels == c).flatten()
+                if not len(idx):
+                    continue
+                rows = z[idx].reshape(-1, z.shape[-1])
+                row_owner = idx.repeat_interleave(z.shape[1])
+                pick = torch.randperm(len(rows), generator=gen)[:size]
+                pick = pick[torch.arange(size) % len(pick)]  # repeat when the class has fewer rows
+                bank[c].copy_(rows[pick].to(bank.device))
+                owner[c] = row_owner[pick]
+            owners.append(owner)
+        self._knn_owner = owners
+
+    def forget_knn_owners(self) -> None:
+        """Drop the calibration-only record of which training image each bank row came from."""
+        self._knn_owner = None
 
     @torch.no_grad()
     def set_latent_stats(self, batches) -> None:
@@ -326,7 +404,8 @@ class HGAD(nn.Module):
                                      [getattr(self, f"z_{kind}_std{lvl}") for lvl in range(n)])
 
             return Normalisation(positions("logp"), positions("ent"),
-                                 maha=positions("maha") if self.cfg.latent_gauss else None)
+                                 maha=positions("maha") if self.cfg.latent_gauss else None,
+                                 knn=positions("knn") if self.cfg.latent_knn else None)
         return Normalisation(MapStats(self.logp_max, self.logp_smax), MapStats(self.ent_max, self.ent_smax),
                              clamp=True)
 
@@ -337,9 +416,12 @@ class HGAD(nn.Module):
         kind = score or self.cfg.score
         if kind not in SCORE_PARTS:
             raise ConfigError("--score", f"must be one of {', '.join(SCORE_PARTS)}; got {kind!r}")
-        if kind == "mahalanobis":
-            if not self.cfg.latent_gauss:
-                raise ConfigError("--score", "mahalanobis needs a model trained with --latent-gauss")
+        parts = SCORE_PARTS[kind]
+        if "maha" in parts or "knn" in parts:
+            if "maha" in parts and not self.cfg.latent_gauss:
+                raise ConfigError("--score", f"{kind} needs a model trained with --latent-gauss")
+            if "knn" in parts and not self.cfg.latent_knn:
+                raise ConfigError("--score", f"{kind} needs a model trained with --latent-knn N > 0")
             return kind
         if kind != "logp" and (self.priors is None or self.n_classes == 1):
             if kind == "entropy":
@@ -360,7 +442,7 @@ class HGAD(nn.Module):
         classes that scored the images) with pixel score ``score`` (see :meth:`score_kind`)."""
         kind = self.score_kind(score)
         rows = lm.classes if stat_classes is None else stat_classes
-        latent = {"logp": lm.logp, "ent": lm.ent, "maha": lm.maha}
+        latent = {"logp": lm.logp, "ent": lm.ent, "maha": lm.maha, "knn": lm.knn}
         maps = norm.maps(latent, kind, rows, self.cfg.map_size, self.cfg.blur_sigma)
         scores = image_scores(maps)
         classes = lm.classes.long()

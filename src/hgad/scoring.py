@@ -28,6 +28,7 @@ __all__ = [
     "class_log_posterior",
     "fit_class_gaussians",
     "mahalanobis",
+    "nearest_distance",
     "gaussian_blur",
     "combine_scales",
     "anomaly_map",
@@ -95,6 +96,28 @@ def mahalanobis(z: Tensor, mean: Tensor, root_prec: Tensor) -> Tensor:
     with torch.autocast(z.device.type, enabled=False):  # a distance is not a bf16 quantity
         u = z.float() - mean.float()[:, None, :]
         return torch.bmm(u, root_prec.float().transpose(1, 2)).pow(2).sum(-1).sqrt()
+
+
+def nearest_distance(z: Tensor, bank: Tensor, banned: Tensor | None = None, chunk: int = 4096) -> Tensor:
+    """Distance ``min_j |z_i - b_j|`` ``(B, N)`` of each image's vectors ``z`` ``(B, N, D)`` to its nearest row of
+    its own memory bank ``bank`` ``(B, M, D)``.
+
+    ``banned`` ``(B, M)`` marks rows an image may not use (its own vectors, when a training image is scored
+    against a bank made from it). The bank is read in chunks of ``chunk`` rows, so memory stays at
+    ``B * N * chunk`` whatever ``M``; the chunks are fixed by the shapes, so the graph exports to ONNX.
+    """
+    with torch.autocast(z.device.type, enabled=False):  # squared-norm expansion needs float32
+        z, bank = z.float(), bank.float()
+        zz = z.pow(2).sum(-1, keepdim=True)  # (B, N, 1)
+        best: Tensor | None = None
+        for start in range(0, int(bank.shape[1]), chunk):
+            part = bank[:, start:start + chunk]
+            d2 = zz - 2.0 * torch.bmm(z, part.transpose(1, 2)) + part.pow(2).sum(-1)[:, None, :]
+            if banned is not None:
+                d2 = d2.masked_fill(banned[:, None, start:start + chunk], float("inf"))
+            low = d2.amin(-1)
+            best = low if best is None else torch.minimum(best, low)
+        return best.clamp_min(0.0).sqrt()
 
 
 def _reflect_index(n: int, radius: int, device: torch.device) -> Tensor:

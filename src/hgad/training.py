@@ -367,7 +367,7 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
 
 
 # the per-scale maps of LatentMaps that calibration gathers statistics of (also the buffer name parts)
-_MAP_KINDS = ("logp", "ent", "maha")
+_MAP_KINDS = ("logp", "ent", "maha", "knn")
 
 
 @torch.no_grad()
@@ -380,17 +380,19 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
     n = len(store)
     starts = range(0, n, batch_size)
 
-    def batches():
+    def batches(with_index: bool = False):
         for start in starts:
             idx = torch.arange(start, min(n, start + batch_size))
-            yield store.get(idx), labels[idx]
+            yield (store.get(idx), labels[idx], idx) if with_index else (store.get(idx), labels[idx])
 
     model.set_latent_stats(batches())  # before the maps: the mahalanobis maps need the class Gaussians
+    model.set_knn_bank(batches())  # and the knn maps the memory bank
     collected: dict[str, list[list[Tensor]]] = {kind: [] for kind in _MAP_KINDS}
     hits, total = 0, 0
-    for feats, batch_labels in tqdm(batches(), total=len(starts), desc="calibrate", disable=not progress,
-                                    leave=False):
-        lm = model.latent_maps(feats, batch_labels)
+    for feats, batch_labels, idx in tqdm(batches(with_index=True), total=len(starts), desc="calibrate",
+                                         disable=not progress, leave=False):
+        # a training image is scored against a bank without its own vectors, as a new image would be
+        lm = model.latent_maps(feats, batch_labels, images=idx if model.cfg.latent_knn else None)
         for kind, parts in collected.items():
             if getattr(lm, kind) is not None:
                 parts.append([m.cpu() for m in getattr(lm, kind)])
@@ -398,6 +400,7 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
             for cm in lm.class_maps:
                 hits += int((cm == lm.classes.view(-1, 1, 1)).sum())
                 total += cm.numel()
+    model.forget_knn_owners()
     y, size = model.n_classes, model.cfg.map_size
     levels = {kind: [torch.cat(level) for level in zip(*parts)] for kind, parts in collected.items() if parts}
     model.set_stats(compute_map_stats(levels["logp"], labels, y, size),
@@ -410,8 +413,8 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         batch = {kind: [m[sl].to(model.device) for m in maps] for kind, maps in levels.items()}
-        lm = LatentMaps(logp=batch["logp"], ent=batch.get("ent"), maha=batch.get("maha"), posterior=None,
-                        classes=labels[sl].to(model.device))
+        lm = LatentMaps(logp=batch["logp"], ent=batch.get("ent"), maha=batch.get("maha"), knn=batch.get("knn"),
+                        posterior=None, classes=labels[sl].to(model.device))
         scores[sl] = model.score_latent(lm, score=score, norm=norm).scores.cpu()
     for c in range(y):
         own = scores[labels == c]
