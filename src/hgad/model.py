@@ -315,31 +315,37 @@ class HGAD(nn.Module):
         """
         if not self.cfg.latent_knn:
             return
-        per_level: list[list[Tensor]] = []
-        labels_all: list[Tensor] = []
-        for feats, labels in batches:
-            labels_all.append(labels.cpu().long())
-            for lvl, f in enumerate(feats):
-                z = self.encode(f, lvl)[0].cpu().view(len(labels), -1, f.shape[1])
-                if lvl == len(per_level):
-                    per_level.append([])
-                per_level[lvl].append(z)
-        labels = torch.cat(labels_all)
-        owners = []
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        for lvl, parts in enumerate(per_level):
-            z = torch.cat(parts)  # (N, h*w, D)
+        # per scale and class: the kept rows, their random keys and owners; a row is kept while its key is
+        # among the bank size smallest of its class (a uniform sample without holding every latent)
+        kept: list[dict[int, tuple[Tensor, Tensor, Tensor]]] = []
+        offset = 0
+        for feats, labels in batches:
+            labels = labels.cpu().long()
+            images = torch.arange(offset, offset + len(labels))
+            offset += len(labels)
+            for lvl, f in enumerate(feats):
+                if lvl == len(kept):
+                    kept.append({})
+                size = getattr(self, f"knn_bank{lvl}").shape[1]
+                z = self.encode(f, lvl)[0].cpu().view(len(labels), -1, f.shape[1])
+                for c in labels.unique().tolist():
+                    own = labels == c
+                    rows = z[own].reshape(-1, z.shape[-1])
+                    owner = images[own].repeat_interleave(z.shape[1])
+                    keys = torch.rand(len(rows), generator=gen)
+                    if c in kept[lvl]:
+                        old_rows, old_keys, old_owner = kept[lvl][c]
+                        rows, keys, owner = (torch.cat([old_rows, rows]), torch.cat([old_keys, keys]),
+                                             torch.cat([old_owner, owner]))
+                    top = keys.topk(min(size, len(keys)), largest=False).indices
+                    kept[lvl][c] = (rows[top], keys[top], owner[top])
+        owners = []
+        for lvl, classes in enumerate(kept):
             bank = getattr(self, f"knn_bank{lvl}")
-            size = bank.shape[1]
-            owner = torch.full((self.n_classes, size), -1, dtype=torch.long)
-            for c in range(self.n_classes):
-                idx = torch.nonzero(labels == c).flatten()
-                if not len(idx):
-                    continue
-                rows = z[idx].reshape(-1, z.shape[-1])
-                row_owner = idx.repeat_interleave(z.shape[1])
-                pick = torch.randperm(len(rows), generator=gen)[:size]
-                pick = pick[torch.arange(size) % len(pick)]  # repeat when the class has fewer rows
+            owner = torch.full(bank.shape[:2], -1, dtype=torch.long)
+            for c, (rows, _, row_owner) in classes.items():
+                pick = torch.arange(bank.shape[1]) % len(rows)  # repeat when the class has fewer rows
                 bank[c].copy_(rows[pick].to(bank.device))
                 owner[c] = row_owner[pick]
             owners.append(owner)
