@@ -133,7 +133,7 @@ def test_run_folders_of_hgad_0_1_load_with_their_own_settings(tiny_data: Path, t
                  *tiny_flags(meta_epochs=1, stage1_epochs=1, warmup_epochs=0, feature_pool=1, input_norm="imagenet",
                              score_norm="max", score="product"), "--no-whiten"]) == 0
     data = json.loads((old / "config.json").read_text())
-    for key in ("input_norm", "feature_pool", "whiten", "score_norm", "latent_gauss"):
+    for key in ("input_norm", "feature_pool", "whiten", "score_norm", "latent_gauss", "latent_knn"):
         data["config"].pop(key)
     (old / "config.json").write_text(json.dumps(data))
     model = load_model(old)
@@ -255,7 +255,7 @@ def test_knn_bank_holds_each_class_latents_and_leaves_an_image_out() -> None:
     torch.manual_seed(0)
     feats = [model.extract(torch.rand(4, 3, 64, 64)) for _ in range(2)]
     labels = [torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 1, 0])]
-    model.set_knn_bank(zip(feats, labels))
+    model.set_knn_bank(zip(feats, labels, [torch.arange(0, 4), torch.arange(4, 8)]))
     y = torch.cat(labels)
     for lvl in range(2):
         z = torch.cat([model.encode(f[lvl], lvl)[0].view(4, -1, f[lvl].shape[1]) for f in feats])
@@ -272,6 +272,10 @@ def test_knn_bank_holds_each_class_latents_and_leaves_an_image_out() -> None:
     left_out = model.latent_maps(feats[0], labels[0], images=idx)
     assert all(bool((m.abs() < 1e-3).all()) for m in member.knn)
     assert all(bool((m < -1e-3).all()) for m in left_out.knn)
+    assert model.latent_maps(feats[0], labels[0], knn=False).knn is None  # a score that does not read it
+    assert model.reads_knn() and not model.reads_knn("mahalanobis")
+    # the bank is filled after training: resume checkpoints leave it out
+    assert "knn_bank0" not in model.resume_state() and "lat_root0" in model.resume_state()
     model.forget_knn_owners()
     with pytest.raises(RuntimeError, match="calibration"):
         model.latent_maps(feats[0], labels[0], images=idx)
@@ -279,6 +283,13 @@ def test_knn_bank_holds_each_class_latents_and_leaves_an_image_out() -> None:
     assert "knn_bank0" not in legacy.trainable_state() and legacy.latent_maps(feats[0]).knn is None
     with pytest.raises(ConfigError, match="latent-knn"):
         legacy.score_kind("mahalanobis+knn")
+
+
+def test_a_memory_bank_too_large_is_refused() -> None:
+    cfg = preset("fast", backbone="test_efficientnet", backbone_weights="none", taps=(1,), img_size=1024,
+                 pyramid_levels=2, n_blocks=1, pos_dim=8, n_intra=2, latent_knn=4096)
+    with pytest.raises(ConfigError, match="GiB memory bank"):
+        HGAD(cfg, ["a", "b"])
 
 
 @pytest.mark.parametrize("score", ["mahalanobis", "mahalanobis+knn"])

@@ -132,7 +132,7 @@ class Detector:
                 raise ConfigError("--class", f"unknown class {class_name!r}; known: {', '.join(model.class_names)}")
             classes = torch.full((len(batch),), model.class_names.index(class_name))
         check_threshold_arg(threshold)
-        lm = model.latent_maps(model.extract(batch), classes)
+        lm = model.latent_maps(model.extract(batch), classes, knn=model.reads_knn())
         scored = model.score_latent(lm, score=model.score_kind(), norm=model.deploy_norm())
         sizes = [im.size if isinstance(im, Image.Image) else None for im in images]
         return to_predictions(scored.maps.cpu().numpy(), scored.scores.tolist(), scored.classes.tolist(),

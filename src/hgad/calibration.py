@@ -155,7 +155,7 @@ def score_records(model: HGAD, records: Sequence[ImageRecord], batch_size: int =
     kind, norm = model.score_kind(), model.deploy_norm()
     out: dict[str, list[np.ndarray]] = {"scores": [], "confidence": [], "logp": []}
     for batch in loader:
-        lm = model.latent_maps(model.extract(batch.image), batch.class_index)
+        lm = model.latent_maps(model.extract(batch.image), batch.class_index, knn=model.reads_knn(kind))
         scored = model.score_latent(lm, score=kind, norm=norm)
         boxes = [content_box(*header_size(records[int(i)].path), cfg.resize) for i in batch.index]
         out["scores"].append(scored.scores.cpu().numpy())

@@ -123,8 +123,8 @@ def rewrite_model_tensors(run_dir: Path, tensors: dict[str, torch.Tensor]) -> Pa
     return path
 
 
-def _load_into(model: HGAD, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.trainable_state()
+def _load_into(model: HGAD, tensors: dict[str, torch.Tensor], path: Path, *, resume: bool = False) -> None:
+    expected = model.resume_state() if resume else model.trainable_state()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -160,7 +160,7 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu", **overrides: A
 def save_resume_state(run_dir: Path, model: HGAD, optimizer: torch.optim.Optimizer,
                       progress: dict[str, Any]) -> None:
     """Model + Adam moments + progress counters, one atomic file."""
-    tensors = {f"model.{k}": v for k, v in model.trainable_state().items()}
+    tensors = {f"model.{k}": v for k, v in model.resume_state().items()}
     for gi, group in enumerate(optimizer.param_groups):
         for pi, p in enumerate(group["params"]):
             for name, value in optimizer.state.get(p, {}).items():
@@ -172,7 +172,7 @@ def load_resume_state(run_dir: Path, model: HGAD, optimizer: torch.optim.Optimiz
     """Restore what :func:`save_resume_state` wrote; returns the progress counters."""
     path = Path(run_dir) / RESUME_FILE
     tensors, meta = read_tensors(path)
-    _load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    _load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path, resume=True)
     for gi, group in enumerate(optimizer.param_groups):
         for pi, p in enumerate(group["params"]):
             state = {}

@@ -167,7 +167,8 @@ def _score_batches(model: HGAD, records: list[ImageRecord], true_model_cls: Tens
     for batch in tqdm(loader, desc=f"test ({protocol}, {class_source})", unit="batch", disable=not progress):
         idx = batch.index
         known = true_model_cls[idx] if class_source == "known" else None
-        lm = model.latent_maps(model.extract(batch.image), known).to("cpu")
+        lm = model.latent_maps(model.extract(batch.image), known,
+                               knn=protocol == "deploy" and model.reads_knn(score)).to("cpu")
         part = {"idx": idx, "classes": lm.classes, "mask": batch.mask[:, 0] > 0.5,
                 "groups": [_vector_groups(lm.logp[0][j], batch.mask[j, 0], int(batch.label[j]))
                            for j in range(len(idx))]}

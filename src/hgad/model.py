@@ -37,6 +37,8 @@ __all__ = ["HGAD", "LatentMaps", "ScoredBatch"]
 
 _WHITEN_EPS = 0.01  # ridge on the feature covariance before whitening (features have variances ~0.1-1)
 _LATENT_RIDGE = 0.01  # ridge on each class's latent covariance (latents have variances ~1)
+_BANK = "knn_bank"  # buffer name prefix of the memory bank
+_MAX_BANK_BYTES = 2 ** 31  # an ONNX graph cannot hold more; far above what a CPU model should carry
 
 
 @dataclass
@@ -116,8 +118,14 @@ class HGAD(nn.Module):
                 self.register_buffer(f"lat_mean{lvl}", torch.zeros(n_classes, d))
                 self.register_buffer(f"lat_root{lvl}", torch.eye(d).repeat(n_classes, 1, 1))
         if cfg.latent_knn:  # each class's sample of training latents, set by set_knn_bank()
-            for lvl, ((h, w), d) in enumerate(zip(self.backbone.scale_shapes(cfg.img_size), dims)):
-                self.register_buffer(f"knn_bank{lvl}", torch.zeros(n_classes, cfg.latent_knn * h * w, d))
+            shapes = list(zip(self.backbone.scale_shapes(cfg.img_size), dims))
+            size = 4 * n_classes * cfg.latent_knn * sum(h * w * d for (h, w), d in shapes)
+            if size > _MAX_BANK_BYTES:
+                raise ConfigError("--latent-knn", f"{cfg.latent_knn} images' worth of latents for {n_classes} classes "
+                                  f"at --img-size {cfg.img_size} is a {size / 2 ** 30:.1f} GiB memory bank (at most "
+                                  f"{_MAX_BANK_BYTES / 2 ** 30:.0f} GiB); lower --latent-knn or --img-size")
+            for lvl, ((h, w), d) in enumerate(shapes):
+                self.register_buffer(f"{_BANK}{lvl}", torch.zeros(n_classes, cfg.latent_knn * h * w, d))
         self._knn_owner: list[Tensor] | None = None  # (Y, M) training image of each bank row, while calibrating
         if cfg.whiten:  # mean and whitening matrix of the training features, set by set_feature_stats()
             for lvl, d in enumerate(dims):
@@ -145,6 +153,11 @@ class HGAD(nn.Module):
     def trainable_state(self) -> dict[str, Tensor]:
         """Everything but the backbone (whose weights are named by the config)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def resume_state(self) -> dict[str, Tensor]:
+        """What a resume checkpoint needs: :meth:`trainable_state` without the memory bank, which is only
+        filled after training (tens of MB of zeros otherwise, written after every pass)."""
+        return {k: v for k, v in self.trainable_state().items() if not k.startswith(_BANK)}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Flows with weight decay, prior without (docs/method.md, "Training schedule")."""
@@ -236,14 +249,15 @@ class HGAD(nn.Module):
     # ---- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
     def latent_maps(self, feats: list[Tensor], classes: Tensor | None = None, *,
-                    images: Tensor | None = None) -> LatentMaps:
+                    images: Tensor | None = None, knn: bool = True) -> LatentMaps:
         """Per-scale log-likelihood and negative-entropy maps (and the class-Gaussian and memory-bank maps
         where the model has them).
 
         ``classes`` given: the known-class protocol; ``None``: each image is scored under the class
         of highest image-mean posterior (docs/method.md, "Which class scores an image"). ``images``
         (B,): indices of training images in the memory bank being calibrated, whose own rows they may not
-        use (see :meth:`set_knn_bank`).
+        use (see :meth:`set_knn_bank`). ``knn=False`` skips the memory-bank maps (a nearest-row search
+        per vector) when the score does not read them.
         """
         b = feats[0].shape[0]
         zs = [self.encode(f, lvl) for lvl, f in enumerate(feats)]
@@ -252,7 +266,7 @@ class HGAD(nn.Module):
             logp = [gaussian_log_likelihood(z, logdet).view(b, h, w) for (z, logdet), (h, w) in zip(zs, shapes)]
             cls = (classes if classes is not None else torch.zeros(b, dtype=torch.long)).to(self.device).long()
             return LatentMaps(logp=logp, ent=None, posterior=None, classes=cls, maha=self._maha(zs, shapes, cls),
-                              knn=self._knn(zs, shapes, cls, images))
+                              knn=self._knn(zs, shapes, cls, images) if knn else None)
         post = torch.zeros(b, self.n_classes, device=self.device)
         count = 0
         class_maps = []
@@ -269,7 +283,7 @@ class HGAD(nn.Module):
             logp.append(log_likelihood(z, logdet, vec_cls, prior.intra_centres(), prior.log_w()).view(b, h, w))
             ent.append(neg_entropy(z, prior.mu).view(b, h, w))
         return LatentMaps(logp=logp, ent=ent, posterior=post, classes=cls, class_maps=class_maps,
-                          maha=self._maha(zs, shapes, cls), knn=self._knn(zs, shapes, cls, images))
+                          maha=self._maha(zs, shapes, cls), knn=self._knn(zs, shapes, cls, images) if knn else None)
 
     def _maha(self, zs: list[tuple[Tensor, Tensor]], shapes: list, cls: Tensor) -> list[Tensor] | None:
         """Per scale (B, h, w): minus the distance of each latent to its image's class Gaussian (a log-map:
@@ -297,7 +311,7 @@ class HGAD(nn.Module):
                     raise RuntimeError("images given outside the calibration of the memory bank")
                 banned = self._knn_owner[lvl].to(cls.device)[cls] == images.to(cls.device).view(-1, 1)
                 banned &= ~banned.all(1, keepdim=True)  # a class of one image: nothing else to compare with
-            bank = getattr(self, f"knn_bank{lvl}")[cls]
+            bank = getattr(self, f"{_BANK}{lvl}")[cls]
             out.append(-nearest_distance(z.view(-1, int(h) * int(w), z.shape[1]), bank, banned
                                          ).view(-1, int(h), int(w)))
         return out
@@ -306,7 +320,7 @@ class HGAD(nn.Module):
     def set_knn_bank(self, batches) -> None:
         """Fill each class's memory bank with a random sample of its training latents (``latent_knn``).
 
-        ``batches`` yields ``(per-scale features, labels)`` of the training images in a fixed order. The
+        ``batches`` yields ``(per-scale features, labels, image indices)`` of the training images. The
         non-parametric counterpart of the class Gaussian: a latent far from every training latent of its
         class is anomalous even where the Gaussian's ellipsoid covers it. A class with fewer vectors than
         the bank holds repeats them (a repeated row never changes a nearest distance). Which training image
@@ -319,15 +333,12 @@ class HGAD(nn.Module):
         # per scale and class: the kept rows, their random keys and owners; a row is kept while its key is
         # among the bank size smallest of its class (a uniform sample without holding every latent)
         kept: list[dict[int, tuple[Tensor, Tensor, Tensor]]] = []
-        offset = 0
-        for feats, labels in batches:
-            labels = labels.cpu().long()
-            images = torch.arange(offset, offset + len(labels))
-            offset += len(labels)
+        for feats, labels, images in batches:
+            labels, images = labels.cpu().long(), images.cpu().long()
             for lvl, f in enumerate(feats):
                 if lvl == len(kept):
                     kept.append({})
-                size = getattr(self, f"knn_bank{lvl}").shape[1]
+                size = getattr(self, f"{_BANK}{lvl}").shape[1]
                 z = self.encode(f, lvl)[0].cpu().view(len(labels), -1, f.shape[1])
                 for c in labels.unique().tolist():
                     own = labels == c
@@ -342,7 +353,8 @@ class HGAD(nn.Module):
                     kept[lvl][c] = (rows[top], keys[top], owner[top])
         owners = []
         for lvl, classes in enumerate(kept):
-            bank = getattr(self, f"knn_bank{lvl}")
+            bank = getattr(self, f"{_BANK}{lvl}")
+            bank.zero_()  # a class without training images keeps no rows of an earlier calibration
             owner = torch.full(bank.shape[:2], -1, dtype=torch.long)
             for c, (rows, _, row_owner) in classes.items():
                 pick = torch.arange(bank.shape[1]) % len(rows)  # repeat when the class has fewer rows
@@ -396,7 +408,8 @@ class HGAD(nn.Module):
         self.calibrated.fill_(True)
 
     def set_position_stats(self, kind: str, stats: list[tuple[Tensor, Tensor]]) -> None:
-        """Store per-position statistics (see :func:`hgad.map_stats.compute_position_stats`) of ``logp`` or ``ent``."""
+        """Store per-position statistics (see :func:`hgad.map_stats.compute_position_stats`) of one map kind
+        (``logp``, ``ent``, ``maha`` or ``knn``)."""
         for lvl, (mean, std) in enumerate(stats):
             getattr(self, f"z_{kind}_mean{lvl}").copy_(mean)
             getattr(self, f"z_{kind}_std{lvl}").copy_(std)
@@ -435,12 +448,17 @@ class HGAD(nn.Module):
             return "logp"
         return kind
 
+    def reads_knn(self, score: str | None = None) -> bool:
+        """Whether pixel score ``score`` (default: the configured one) reads the memory-bank map, whose search
+        :meth:`latent_maps` can then skip."""
+        return "knn" in SCORE_PARTS[self.score_kind(score)]
+
     @torch.no_grad()
     def score(self, feats: list[Tensor], *, score: str, norm: Normalisation, classes: Tensor | None = None
               ) -> ScoredBatch:
         """Features to anomaly maps, image scores, class and posterior: the one scoring path (docs/method.md,
         "Scoring"). ``classes`` fixes the class of each image (else inferred, see :meth:`latent_maps`)."""
-        return self.score_latent(self.latent_maps(feats, classes), score=score, norm=norm)
+        return self.score_latent(self.latent_maps(feats, classes, knn=self.reads_knn(score)), score=score, norm=norm)
 
     def score_latent(self, lm: LatentMaps, *, score: str, norm: Normalisation,
                      stat_classes: Tensor | None = None) -> ScoredBatch:

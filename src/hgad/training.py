@@ -386,21 +386,23 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
             yield (store.get(idx), labels[idx], idx) if with_index else (store.get(idx), labels[idx])
 
     model.set_latent_stats(batches())  # before the maps: the mahalanobis maps need the class Gaussians
-    model.set_knn_bank(batches())  # and the knn maps the memory bank
+    model.set_knn_bank(batches(with_index=True))  # and the knn maps the memory bank
     collected: dict[str, list[list[Tensor]]] = {kind: [] for kind in _MAP_KINDS}
     hits, total = 0, 0
-    for feats, batch_labels, idx in tqdm(batches(with_index=True), total=len(starts), desc="calibrate",
-                                         disable=not progress, leave=False):
-        # a training image is scored against a bank without its own vectors, as a new image would be
-        lm = model.latent_maps(feats, batch_labels, images=idx if model.cfg.latent_knn else None)
-        for kind, parts in collected.items():
-            if getattr(lm, kind) is not None:
-                parts.append([m.cpu() for m in getattr(lm, kind)])
-        if lm.class_maps is not None:
-            for cm in lm.class_maps:
-                hits += int((cm == lm.classes.view(-1, 1, 1)).sum())
-                total += cm.numel()
-    model.forget_knn_owners()
+    try:
+        for feats, batch_labels, idx in tqdm(batches(with_index=True), total=len(starts), desc="calibrate",
+                                             disable=not progress, leave=False):
+            # a training image is scored against a bank without its own vectors, as a new image would be
+            lm = model.latent_maps(feats, batch_labels, images=idx if model.cfg.latent_knn else None)
+            for kind, parts in collected.items():
+                if getattr(lm, kind) is not None:
+                    parts.append([m.cpu() for m in getattr(lm, kind)])
+            if lm.class_maps is not None:
+                for cm in lm.class_maps:
+                    hits += int((cm == lm.classes.view(-1, 1, 1)).sum())
+                    total += cm.numel()
+    finally:
+        model.forget_knn_owners()
     y, size = model.n_classes, model.cfg.map_size
     levels = {kind: [torch.cat(level) for level in zip(*parts)] for kind, parts in collected.items() if parts}
     model.set_stats(compute_map_stats(levels["logp"], labels, y, size),

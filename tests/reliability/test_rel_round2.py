@@ -183,7 +183,7 @@ def test_non_finite_scores_and_thresholds_stop_every_command(tiny_run: Path, tin
     image = tiny_data / "bottle" / "test" / "good" / "000.png"
     nan_run = _copy_run(tiny_run, tmp_path / "nan")
     tensors, _ = read_tensors(nan_run / MODEL_FILE)
-    # every normalisation and score: the max statistics and each per-position mean (logp, ent, maha)
+    # every normalisation and score: the max statistics and each per-position mean (logp, ent, maha, knn)
     for key in [k for k in tensors if k == "logp_max" or (k.startswith("z_") and "_mean" in k)]:
         tensors[key] = torch.full_like(tensors[key], float("nan"))
     _restamp(nan_run / MODEL_FILE, tensors)
