@@ -29,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from explore_scores import _encode_all, _gauss_distance, _knn_distance, _standardise, _to_map  # noqa: E402
+from explore_scores import _gauss_distance, _knn_distance, _standardise, _to_map, load_latents  # noqa: E402
 
 
 def main() -> None:
@@ -40,16 +40,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    import hgad
-    from hgad.data import discover
     from hgad.metrics import image_metrics
 
-    model = hgad.load(str(args.run), device="cpu").model
-    cat = discover([f"mvtec:{args.data}"])
+    model, cat, tr, te = load_latents(args.run, args.data)
     y, size, sigma = model.n_classes, model.cfg.map_size, model.cfg.blur_sigma
-    with torch.no_grad():
-        tr = _encode_all(model, list(cat.train), classes_known=True)
-        te = _encode_all(model, list(cat.test), classes_known=False)
     tc, ec = tr["classes"], te["classes"]
 
     def both(distance) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

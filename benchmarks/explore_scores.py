@@ -195,17 +195,24 @@ def _metrics(cat, maps: torch.Tensor, masks: torch.Tensor, top_frac: float | Non
             "aupro": mean.get("aupro"), "per_class": per_class}
 
 
-def explore(run: Path, data: Path) -> dict[str, Any]:
+def load_latents(run: Path, data: Path) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """The run's model, the dataset's catalog, and :func:`_encode_all` of its training images (known
+    class) and of its test images (inferred class)."""
     import hgad
     from hgad.data import discover
 
-    t0 = time.perf_counter()
     model = hgad.load(str(run), device="cpu").model
     cat = discover([f"mvtec:{data}"])
-    y, size, sigma = model.n_classes, model.cfg.map_size, model.cfg.blur_sigma
     with torch.no_grad():
         tr = _encode_all(model, list(cat.train), classes_known=True)
         te = _encode_all(model, list(cat.test), classes_known=False)
+    return model, cat, tr, te
+
+
+def explore(run: Path, data: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model, cat, tr, te = load_latents(run, data)
+    y, size, sigma = model.n_classes, model.cfg.map_size, model.cfg.blur_sigma
     tc, ec = tr["classes"], te["classes"]
     n_scales = len(tr["logp"])
     logp_z = [_standardise(tr["logp"][lvl], tc, te["logp"][lvl], ec, y, -1.0) for lvl in range(n_scales)]

@@ -212,12 +212,17 @@ def test_mahalanobis_by_hand() -> None:
     torch.testing.assert_close(mahalanobis(z, mean, root), torch.tensor([[2.0 ** 0.5, 0.0]]))
 
 
+def _two_batches(model: HGAD) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """Features of two batches of four random images, and their labels (both classes in each batch)."""
+    torch.manual_seed(0)
+    feats = [model.extract(torch.rand(4, 3, 64, 64)) for _ in range(2)]
+    return feats, [torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 1, 0])]
+
+
 def test_latent_gauss_fits_the_latents_of_each_class() -> None:
     model = _tiny_model(2)
     assert model.cfg.latent_gauss and "lat_root0" in model.trainable_state()
-    torch.manual_seed(0)
-    feats = [model.extract(torch.rand(4, 3, 64, 64)) for _ in range(2)]
-    labels = [torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 1, 0])]
+    feats, labels = _two_batches(model)
     model.set_latent_stats(zip(feats, labels))
     for lvl in range(2):
         z = torch.cat([model.encode(f[lvl], lvl)[0].view(4, -1, f[lvl].shape[1]) for f in feats]).double()
@@ -252,9 +257,7 @@ def test_nearest_distance_by_hand() -> None:
 def test_knn_bank_holds_each_class_latents_and_leaves_an_image_out() -> None:
     model = _tiny_model(2)
     assert model.cfg.latent_knn and "knn_bank0" in model.trainable_state()
-    torch.manual_seed(0)
-    feats = [model.extract(torch.rand(4, 3, 64, 64)) for _ in range(2)]
-    labels = [torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 1, 0])]
+    feats, labels = _two_batches(model)
     model.set_knn_bank(zip(feats, labels, [torch.arange(0, 4), torch.arange(4, 8)]))
     y = torch.cat(labels)
     for lvl in range(2):
