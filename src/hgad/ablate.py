@@ -327,6 +327,7 @@ def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | Non
     """
     from hgad.checkpoint import load_model
     from hgad.evaluation import evaluate
+    from hgad.map_stats import SCORE_PARTS
     from hgad.report import write_reports
 
     found: dict[str, dict[str, Any]] = {}
@@ -334,7 +335,8 @@ def _score_variants(run_dir: Path, model: HGAD | None, backbone: nn.Module | Non
         if score == cfg.score:
             found[score] = own["mean"]
             continue
-        if ("maha" in score and not cfg.latent_gauss) or ("knn" in score and not cfg.latent_knn):
+        parts = SCORE_PARTS[score]
+        if ("maha" in parts and not cfg.latent_gauss) or ("knn" in parts and not cfg.latent_knn):
             continue  # the run has no class Gaussians of the latents / no memory bank
         eval_dir = run_dir / f"{EVAL_DIR}-score-{score}"
         if not (eval_dir / "metrics.json").is_file():

@@ -266,7 +266,7 @@ class HGAD(nn.Module):
             logp = [gaussian_log_likelihood(z, logdet).view(b, h, w) for (z, logdet), (h, w) in zip(zs, shapes)]
             cls = (classes if classes is not None else torch.zeros(b, dtype=torch.long)).to(self.device).long()
             return LatentMaps(logp=logp, ent=None, posterior=None, classes=cls, maha=self._maha(zs, shapes, cls),
-                              knn=self._knn(zs, shapes, cls, images) if knn else None)
+                              knn=self._knn(zs, shapes, cls, images, knn))
         post = torch.zeros(b, self.n_classes, device=self.device)
         count = 0
         class_maps = []
@@ -283,7 +283,7 @@ class HGAD(nn.Module):
             logp.append(log_likelihood(z, logdet, vec_cls, prior.intra_centres(), prior.log_w()).view(b, h, w))
             ent.append(neg_entropy(z, prior.mu).view(b, h, w))
         return LatentMaps(logp=logp, ent=ent, posterior=post, classes=cls, class_maps=class_maps,
-                          maha=self._maha(zs, shapes, cls), knn=self._knn(zs, shapes, cls, images) if knn else None)
+                          maha=self._maha(zs, shapes, cls), knn=self._knn(zs, shapes, cls, images, knn))
 
     def _maha(self, zs: list[tuple[Tensor, Tensor]], shapes: list, cls: Tensor) -> list[Tensor] | None:
         """Per scale (B, h, w): minus the distance of each latent to its image's class Gaussian (a log-map:
@@ -297,11 +297,11 @@ class HGAD(nn.Module):
             out.append(-mahalanobis(z.view(-1, int(h) * int(w), z.shape[1]), mean, root).view(-1, int(h), int(w)))
         return out
 
-    def _knn(self, zs: list[tuple[Tensor, Tensor]], shapes: list, cls: Tensor, images: Tensor | None
-             ) -> list[Tensor] | None:
+    def _knn(self, zs: list[tuple[Tensor, Tensor]], shapes: list, cls: Tensor, images: Tensor | None,
+             wanted: bool) -> list[Tensor] | None:
         """Per scale (B, h, w): minus the distance of each latent to the nearest row of its class's memory bank
-        (higher is more normal); ``None`` without ``latent_knn``."""
-        if not self.cfg.latent_knn:
+        (higher is more normal); ``None`` without ``latent_knn`` or when not ``wanted``."""
+        if not (wanted and self.cfg.latent_knn):
             return None
         out = []
         for lvl, ((z, _), (h, w)) in enumerate(zip(zs, shapes)):
@@ -436,11 +436,11 @@ class HGAD(nn.Module):
         if kind not in SCORE_PARTS:
             raise ConfigError("--score", f"must be one of {', '.join(SCORE_PARTS)}; got {kind!r}")
         parts = SCORE_PARTS[kind]
-        if "maha" in parts or "knn" in parts:
-            if "maha" in parts and not self.cfg.latent_gauss:
-                raise ConfigError("--score", f"{kind} needs a model trained with --latent-gauss")
-            if "knn" in parts and not self.cfg.latent_knn:
-                raise ConfigError("--score", f"{kind} needs a model trained with --latent-knn N > 0")
+        if "maha" in parts and not self.cfg.latent_gauss:
+            raise ConfigError("--score", f"{kind} needs a model trained with --latent-gauss")
+        if "knn" in parts and not self.cfg.latent_knn:
+            raise ConfigError("--score", f"{kind} needs a model trained with --latent-knn N > 0")
+        if "maha" in parts or "knn" in parts:  # need no class posterior: no fallback
             return kind
         if kind != "logp" and (self.priors is None or self.n_classes == 1):
             if kind == "entropy":

@@ -393,7 +393,7 @@ def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: i
         for feats, batch_labels, idx in tqdm(batches(with_index=True), total=len(starts), desc="calibrate",
                                              disable=not progress, leave=False):
             # a training image is scored against a bank without its own vectors, as a new image would be
-            lm = model.latent_maps(feats, batch_labels, images=idx if model.cfg.latent_knn else None)
+            lm = model.latent_maps(feats, batch_labels, images=idx)
             for kind, parts in collected.items():
                 if getattr(lm, kind) is not None:
                     parts.append([m.cpu() for m in getattr(lm, kind)])
