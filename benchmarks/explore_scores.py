@@ -41,6 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hgad.scoring import nearest_distance
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -121,6 +123,12 @@ def _knn_distance(train: torch.Tensor, train_cls: torch.Tensor, test: torch.Tens
         bank = own.reshape(-1, d)
         owner = torch.arange(n).repeat_interleave(h * w)
         idx = torch.nonzero(train_cls == c).flatten()
+        if k == 1:  # the product's search (a matrix product per chunk: several times faster than cdist + topk)
+            for j in range(n):
+                d_train[idx[j]] = nearest_distance(own[j].reshape(1, -1, d), bank[None], (owner == j)[None]).view(h, w)
+            for i in torch.nonzero(test_cls == c).flatten().tolist():
+                d_test[i] = nearest_distance(test[i].float().reshape(1, -1, d), bank[None]).view(h, w)
+            continue
         for j in range(n):
             dist = torch.cdist(own[j].reshape(-1, d), bank)
             dist[:, owner == j] = float("inf")

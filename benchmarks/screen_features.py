@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from explore_scores import _gauss_distance, _metrics, _standardise, _to_map  # noqa: E402
+from explore_scores import _gauss_distance, _knn_distance, _metrics, _standardise, _to_map  # noqa: E402
 
 # Each row: a name and hgad config overrides on top of the default preset.
 GRID: dict[str, dict[str, Any]] = {
@@ -65,8 +65,19 @@ def _features(model, records, resize: str, batch: int = 16) -> tuple[list[torch.
     return [torch.cat(v) for v in out], torch.stack(masks)
 
 
-def screen(data: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Image AUROC / pixel AUROC / AUPRO of the per-class feature Gaussian for one setting."""
+def _whiten(train: torch.Tensor, test: torch.Tensor, eps: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets' vectors (N, h, w, D) ZCA-whitened with the training vectors' mean and covariance, as the
+    model whitens its features (one transform for all classes), so that distances weigh every direction."""
+    flat = train.reshape(-1, train.shape[-1]).double()
+    mean = flat.mean(0)
+    eigval, eigvec = torch.linalg.eigh(torch.cov(flat.T))
+    w = (eigvec @ torch.diag(eigval.clamp_min(0).add(eps).rsqrt()) @ eigvec.T).float()
+    return (train - mean.float()) @ w, (test - mean.float()) @ w
+
+
+def screen(data: Path, overrides: dict[str, Any], knn: bool = False) -> dict[str, Any]:
+    """Image AUROC / pixel AUROC / AUPRO of the per-class feature Gaussian for one setting (``knn``: plus
+    the memory-bank map of the whitened features, the default score's second part)."""
     from hgad.config import preset
     from hgad.data import discover
     from hgad.model import HGAD
@@ -87,6 +98,10 @@ def screen(data: Path, overrides: dict[str, Any]) -> dict[str, Any]:
         scale = tr[lvl].reshape(-1, tr[lvl].shape[-1]).var(0).mean().item()
         d_tr, d_te = _gauss_distance(tr[lvl] / scale ** 0.5, tc, te[lvl] / scale ** 0.5, ec, y)
         levels.append(_standardise(d_tr, tc, d_te, ec, y, 1.0))
+        if knn:
+            w_tr, w_te = _whiten(tr[lvl], te[lvl])
+            k_tr, k_te = _knn_distance(w_tr, tc, w_te, ec, y)
+            levels[-1] = levels[-1] + _standardise(k_tr, tc, k_te, ec, y, 1.0)
     maps = _to_map(levels, cfg.map_size, cfg.blur_sigma)
     result = _metrics(cat, maps, masks, None)
     result.update(seconds=round(time.perf_counter() - t0, 1), overrides={k: list(v) if isinstance(v, tuple) else v
@@ -100,6 +115,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="dataset folder (MVTec layout)")
     p.add_argument("--grid", choices=["default"], help="screen every row of the built-in grid")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one setting to screen")
+    p.add_argument("--knn", action="store_true", help="score Gaussian + memory bank (the default score's parts)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, help="results JSON")
     args = p.parse_args()
@@ -109,7 +125,7 @@ def main() -> None:
     rows = dict(GRID) if args.grid else {" ".join(args.set) or "default": _parse_set(args.set)}
     results: dict[str, Any] = {}
     for name, overrides in rows.items():
-        r = screen(args.data, overrides)
+        r = screen(args.data, overrides, args.knn)
         results[name] = r
         print(f"{name:44s} image {100 * r['image_auroc']:.1f} pixel {100 * (r['pixel_auroc'] or 0):.1f} "
               f"aupro {100 * (r['aupro'] or 0):.1f}  shapes {r['shapes']}  {r['seconds']:.0f} s", flush=True)
