@@ -210,18 +210,19 @@ def test_ablate_runs_every_rung_and_resumes(tiny_data, tmp_path, capsys, monkeyp
     assert [r["name"] for r in payload["rungs"]] == [r.name for r in RUNGS]
     assert payload["protocol"] == "deploy" and payload["class_source"] == "known"
     base, gmm, mi, ent, full = payload["rungs"]
-    assert (base["prior"], base["score"], base["n_intra"]) == ("gaussian", "mahalanobis+knn", None)
+    assert (base["prior"], base["score"], base["n_intra"]) == ("gaussian", "knn", None)
     assert (gmm["use_mi"], gmm["use_entropy"], gmm["n_intra"]) == (False, False, 1)
     assert (mi["use_mi"], mi["use_entropy"], ent["use_entropy"], ent["n_intra"]) == (True, False, True, 1)
-    assert (full["n_intra"], full["score"]) == (2, "mahalanobis+knn")  # the fast preset's score
+    assert (full["n_intra"], full["score"]) == (2, "knn")  # the fast preset's score
     for row in payload["rungs"]:
         assert 0 <= row["mean"]["image_auroc"] <= 1 and 0 <= row["vector_auroc"] <= 1
         assert row["n_vectors"]["normal"] > 0 and row["n_vectors"]["anomalous"] > 0
         saved = json.loads((out / row["folder"] / "config.json").read_text())["config"]
         assert saved["seed"] == 0 and saved["meta_epochs"] == 1  # same seed and schedule everywhere
+        assert saved["knn_space"] == "latent"  # the map reads what the rung trained, not the flow's input
     assert set(payload["score_variants"]) == {"product", "logp", "entropy", "mahalanobis", "knn",
                                               "mahalanobis+knn"}
-    assert payload["score_variants"]["mahalanobis+knn"] == full["mean"]
+    assert payload["score_variants"]["knn"] == full["mean"]
     assert payload["score_variants"]["logp"] != payload["score_variants"]["entropy"]
     md = (out / "ablation.md").read_text()
     assert "class source `known`" in md and "| 5 | +intra |" in md

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -59,9 +60,9 @@ def test_feature_pool_is_a_local_average_of_the_plain_features() -> None:
         FeatureExtractor("test_efficientnet", weights="none", taps=(1,), pool=2)
 
 
-def _tiny_model(n_classes: int) -> HGAD:
+def _tiny_model(n_classes: int, **overrides: Any) -> HGAD:
     cfg = preset("fast", backbone="test_efficientnet", backbone_weights="none", taps=(1,), img_size=64,
-                 pyramid_levels=2, n_blocks=1, pos_dim=8, n_intra=2, feature_mode="pyramid")
+                 pyramid_levels=2, n_blocks=1, pos_dim=8, n_intra=2, feature_mode="pyramid", **overrides)
     return HGAD(cfg, [f"c{i}" for i in range(n_classes)])
 
 
@@ -69,7 +70,7 @@ def test_one_class_product_score_falls_back_to_logp() -> None:
     """With one class the posterior is certain everywhere: the entropy map is identically 0, so the
     product would be a constant map; the log-likelihood map is used instead."""
     one, two = _tiny_model(1), _tiny_model(2)
-    assert one.score_kind("product") == "logp" and one.score_kind() == "mahalanobis+knn"  # needs no posterior
+    assert one.score_kind("product") == "logp" and one.score_kind() == "knn"  # needs no posterior
     assert two.score_kind("product") == "product" and two.score_kind("entropy") == "entropy"
     with pytest.raises(ConfigError, match="entropy needs"):
         one.score_kind("entropy")
@@ -98,7 +99,7 @@ def test_one_class_cli_run_scores_with_the_default(tmp_path: Path, tiny_data: Pa
                  "--no-progress", *tiny_flags()]) == 0
     assert main(["test", str(run), "--classes", "bottle", "--no-progress", "--no-report"]) == 0
     metrics = json.loads((run / "test-deploy-inferred" / "metrics.json").read_text())
-    assert metrics["score"] == "mahalanobis+knn"  # the class Gaussian and the memory bank need one class only
+    assert metrics["score"] == "knn"  # the memory bank needs one class only
     assert 0.0 <= metrics["mean"]["image_auroc"] <= 1.0
 
 
@@ -254,19 +255,22 @@ def test_nearest_distance_by_hand() -> None:
     torch.testing.assert_close(nearest_distance(z, bank, banned, chunk=2), torch.tensor([[18.0 ** 0.5, 1.0]]))
 
 
-def test_knn_bank_holds_each_class_latents_and_leaves_an_image_out() -> None:
-    model = _tiny_model(2)
+@pytest.mark.parametrize("space", ["input", "latent"])
+def test_knn_bank_holds_each_class_vectors_and_leaves_an_image_out(space: str) -> None:
+    model = _tiny_model(2, knn_space=space)
     assert model.cfg.latent_knn and "knn_bank0" in model.trainable_state()
     feats, labels = _two_batches(model)
     model.set_knn_bank(zip(feats, labels, [torch.arange(0, 4), torch.arange(4, 8)]))
     y = torch.cat(labels)
     for lvl in range(2):
-        z = torch.cat([model.encode(f[lvl], lvl)[0].view(4, -1, f[lvl].shape[1]) for f in feats])
+        made = {"input": model.flow_input, "latent": lambda f, level: model.encode(f, level)[0]}[space]
+        z = torch.cat([made(f[lvl], lvl).view(4, -1, f[lvl].shape[1]) for f in feats])
+        assert torch.equal(model.bank_vectors(feats[0][lvl], lvl), made(feats[0][lvl], lvl))
         bank = getattr(model, f"knn_bank{lvl}")
         assert bank.shape[1] == model.cfg.latent_knn * z.shape[1]  # 32 images' worth: 4 images, repeated
         for c in range(2):
             own = z[y == c].reshape(-1, z.shape[-1])
-            # every row of the bank is one of the class's latents, and every latent is in the bank
+            # every row of the bank is one of the class's vectors, and every vector is in the bank
             dist = torch.cdist(bank[c], own, compute_mode="donot_use_mm_for_euclid_dist")
             assert bool(dist.amin(1).max() < 1e-5) and bool(dist.amin(0).max() < 1e-5)
     # scored as a member of the bank, an image finds itself (distance 0); left out, it does not
@@ -295,22 +299,29 @@ def test_a_memory_bank_too_large_is_refused() -> None:
         HGAD(cfg, ["a", "b"])
 
 
-@pytest.mark.parametrize("score", ["mahalanobis", "mahalanobis+knn"])
+# a run of each earlier default, its config.json as that version wrote it (without the keys added since,
+# which must load with the value it used), and today's default
+_EARLIER = {"mahalanobis": {"latent_knn": 0, "knn_space": "latent", "score_scales": 0},
+            "mahalanobis+knn": {"knn_space": "latent", "score_scales": 0}, "knn": {}}
+
+
+@pytest.mark.parametrize("score", list(_EARLIER))
 def test_latent_scores_score_alone_as_in_a_batch(score: str, tiny_data: Path, tmp_path: Path, capsys) -> None:
     from PIL import Image
 
     from hgad.api import Detector
 
     run = tmp_path / "m"
-    knn = int("knn" in score) * 32
+    earlier = _EARLIER[score]
     assert main(["train", "--data", f"mvtec:{tiny_data}", "--out", str(run), "--no-progress",
-                 *tiny_flags(score=score, latent_knn=knn)]) == 0
-    if not knn:  # as the previous version wrote it: no latent_knn key, which must load as 0 (no bank)
-        data = json.loads((run / "config.json").read_text())
-        data["config"].pop("latent_knn")
-        (run / "config.json").write_text(json.dumps(data))
+                 *tiny_flags(score=score, **earlier)]) == 0
+    data = json.loads((run / "config.json").read_text())
+    for key in earlier:
+        data["config"].pop(key)
+    (run / "config.json").write_text(json.dumps(data))
     det = Detector.load(run, device="cpu")
-    assert det.model.cfg.latent_knn == knn
+    assert all(getattr(det.model.cfg, key) == value for key, value in earlier.items())
+    assert det.model.deploy_norm().scales == (0 if earlier else 1)  # today's default: the finest scale only
     assert det.model.cfg.score == score and "z_maha_std0" in det.model.trainable_state()
     assert float(det.model.z_maha_std0.min()) > 0 and bool(det.model.lat_root0.abs().sum() > 0)
     if "knn" in score:
@@ -338,3 +349,24 @@ def test_latent_scores_score_alone_as_in_a_batch(score: str, tiny_data: Path, tm
     assert main(["test", str(run), "--protocol", "paper", "--score", score, "--no-progress",
                  "--no-report"]) == 2
     assert score in capsys.readouterr().err
+
+
+def test_score_scales_sums_only_the_finest_scales() -> None:
+    from hgad.map_stats import Normalisation, PositionStats
+
+    # one image of class 0; its knn log-maps lie 2 (finest, 4x4) and 5 (coarse, 2x2) std below the mean
+    levels = [torch.full((1, 4, 4), -2.0), torch.full((1, 2, 2), -5.0)]
+    stats = PositionStats([torch.zeros(1, 4, 4), torch.zeros(1, 2, 2)], [torch.ones(1, 4, 4), torch.ones(1, 2, 2)])
+
+    def total(scales: int) -> torch.Tensor:
+        norm = Normalisation(logp=stats, ent=None, knn=stats, scales=scales)
+        return norm.maps({"knn": levels}, "knn", torch.zeros(1, dtype=torch.long), out_size=4, sigma=0)
+
+    torch.testing.assert_close(total(1), torch.full((1, 4, 4), 2.0))
+    torch.testing.assert_close(total(0), torch.full((1, 4, 4), 7.0))
+    torch.testing.assert_close(total(2), total(0))
+    with pytest.raises(ConfigError, match="score-scales"):
+        preset("fast", score_scales=4)  # the fast preset has 3 scales
+    # the release's max normalisation combines every scale
+    assert preset("fast", score_norm="max", score="product").score_scales == 0
+    assert preset("paper").score_scales == 0 and preset("fast").score_scales == 1

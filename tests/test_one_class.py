@@ -1,7 +1,7 @@
 """Issue 12: a model of ONE class (the most common user case) must detect defects with the default
 preset and score. With one class the class posterior is certain, its entropy map is identically 0
 and the paper's product score would be constant (it falls back to the log-likelihood map); the default
-score, the distance to the class's Gaussian of the latents, needs no posterior."""
+score, the distance to the class's memory bank, needs no posterior."""
 
 from __future__ import annotations
 
@@ -22,6 +22,6 @@ def test_one_class_default_model_finds_brick_defects(tmp_path: Path, capsys) -> 
                  "--no-progress"]) == 0
     assert main(["test", str(run), "--no-progress", "--no-report"]) == 0
     metrics = json.loads((run / "test-deploy-inferred" / "metrics.json").read_text())
-    assert metrics["score"] == "mahalanobis+knn"
+    assert metrics["score"] == "knn"
     assert list(metrics["per_class"]) == ["brick"]
     assert metrics["mean"]["pixel_auroc"] >= 0.80, metrics["mean"]

@@ -9,7 +9,9 @@ centres one at a time, with every other setting equal. Each rung is an ordinary 
 
 All rungs are scored with the deploy protocol under the ground-truth class (``known``): the
 single-Gaussian baseline has no class posterior, so it cannot infer a class, and scoring every rung
-the same way keeps the comparison about the prior and the losses alone.
+the same way keeps the comparison about the prior and the losses alone. The memory bank of every rung
+holds the flow's latents (``knn_space latent``): a bank of the flow's input (the ``fast`` default) would
+give every rung the same map, whatever its prior and losses.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hgad.config import CHOICES, HGADConfig, config_from_dict
+from hgad.config import CHOICES, LEGACY_DEFAULTS, HGADConfig, config_from_dict
 from hgad.errors import ConfigError, InputError
 from hgad.report import percent
 
@@ -133,7 +135,9 @@ def rung_config(base: HGADConfig, rung: Rung) -> HGADConfig:
     if "n_intra" not in rung.overrides and rung.overrides.get("prior") == "hgmm" and base.n_intra < 2:
         raise ConfigError("--intra-centers", f"the full-HGAD rung needs at least 2 intra-class centres, "
                                              f"got {base.n_intra}")
-    return config_from_dict({**base.to_dict(), **rung.overrides}, source=f"ablation rung {rung.name}")
+    # the map must read what the rung trained: the flow's latents, not its input
+    return config_from_dict({**base.to_dict(), **rung.overrides, "knn_space": "latent"},
+                            source=f"ablation rung {rung.name}")
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +153,9 @@ def _check_existing(out: Path, cfgs: Sequence[HGADConfig], classes: list[str]) -
         if not (run_dir / CONFIG_FILE).is_file():
             continue
         saved = read_run_config(run_dir)
-        old, new = _comparable(saved["config"]), _comparable(cfg.to_dict())
+        # a folder of an earlier version lacks the keys added since: read it with the values it used
+        old = _comparable(config_from_dict({**LEGACY_DEFAULTS, **saved["config"]}, source=str(run_dir)).to_dict())
+        new = _comparable(cfg.to_dict())
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             raise InputError(run_dir, f"was made with other settings ({', '.join(changed)}); use another --out "

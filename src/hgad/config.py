@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache_dtype": ("float16", "bfloat16", "float32"),
     "device": ("auto", "cpu", "cuda"),
     "resize": ("squash", "crop", "pad"),
+    "knn_space": ("input", "latent"),
 }
 
 
@@ -98,19 +99,23 @@ class HGADConfig:
     amp: bool = _opt(True, "bf16 autocast for the flows on CUDA (ignored on CPU)")
     num_workers: int = _opt(0, "DataLoader workers for image decoding")
     # scoring (docs/method.md, "Scoring")
-    score: str = _opt("mahalanobis+knn", "pixel score: product of both maps (paper), logp only, entropy only, "
+    score: str = _opt("knn", "pixel score: product of both maps (paper), logp only, entropy only, "
                       "mahalanobis (distance of the latent vector to its class's Gaussian; needs latent_gauss), knn "
-                      "(distance to the nearest training latent of its class; needs latent_knn) or mahalanobis+knn "
+                      "(distance to the nearest memory-bank vector of its class; needs latent_knn) or mahalanobis+knn "
                       "(the sum of both standardised maps)")
+    score_scales: int = _opt(1, "the anomaly map sums the maps of this many scales, finest first (0: all scales)")
     score_norm: str = _opt("zscore", "deploy normalisation of the maps: max (the release's: exp(m - max), summed, "
                            "s_max - S) or zscore (per class and position: (mean - m) / std over the training "
-                           "images, summed over scales; with zscore, product means the sum of both z maps)")
+                           "images, summed over the --score-scales finest scales; with zscore, product means the "
+                           "sum of both z maps)")
     latent_gauss: bool = _opt(True, "after training, fit one Gaussian (mean, full covariance) per class and scale "
                               "to the training images' latent vectors, stored with the model (zscore only; "
                               "needed by the mahalanobis score)")
-    latent_knn: int = _opt(32, "after training, keep up to this many training images' worth of latent vectors per "
-                           "class and scale (a random sample) with the model as the memory bank of the knn score "
+    latent_knn: int = _opt(32, "after training, keep up to this many training images' worth of vectors per class "
+                           "and scale (a random sample) with the model as the memory bank of the knn score "
                            "(0: none; zscore only)")
+    knn_space: str = _opt("input", "what the memory bank holds: input (what the flow reads: the features, whitened "
+                          "with --whiten) or latent (the flow's latent vectors)")
     blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly maps (0 disables)")
     threshold_quantile: float = _opt(
         0.99, "decision threshold when a class has no calibration images: this quantile of its training "
@@ -179,12 +184,16 @@ class HGADConfig:
         latent_scores = {"mahalanobis": "maha" in self.score, "knn": "knn" in self.score}
         if any(latent_scores.values()) and self.score_norm != "zscore":
             raise ConfigError("--score", f"{self.score} needs --score-norm zscore")
-        if self.score_norm != "zscore":  # their maps are only ever used standardised per position
-            self.latent_gauss, self.latent_knn = False, 0
+        if self.score_norm != "zscore":  # their maps are only ever used standardised per position, and the
+            # release's max normalisation combines every scale
+            self.latent_gauss, self.latent_knn, self.score_scales = False, 0, 0
+        if not 0 <= self.score_scales <= self.n_scales:
+            raise ConfigError("--score-scales", f"must be 0 (all) to {self.n_scales} (the scales there are), "
+                                                f"got {self.score_scales}")
         if latent_scores["mahalanobis"] and not self.latent_gauss:
             raise ConfigError("--score", f"{self.score} needs --latent-gauss (the class Gaussians of the latents)")
         if latent_scores["knn"] and not self.latent_knn:
-            raise ConfigError("--score", f"{self.score} needs --latent-knn N > 0 (a memory bank of training latents)")
+            raise ConfigError("--score", f"{self.score} needs --latent-knn N > 0 (a memory bank of training vectors)")
         if self.prior == "gaussian" and not (self.score == "logp" or any(latent_scores.values())):
             # a single Gaussian has no class posterior, hence no entropy map
             self.score = "logp"
@@ -240,6 +249,7 @@ _PAPER: dict[str, Any] = {
     "warmup_epochs": 2,
     "seed": 0,
     "score": "product",
+    "score_scales": 0,
     "score_norm": "max",
     "blur_sigma": 4.0,
 }
@@ -252,7 +262,7 @@ DEFAULT_PRESET = "fast"
 # config.json predates them is loaded with these, never with today's defaults.
 LEGACY_DEFAULTS: dict[str, Any] = {"feature_pool": 1, "input_norm": "imagenet", "whiten": False,
                                    "score_norm": "max", "latent_gauss": False, "latent_knn": 0, "resize": "crop",
-                                   "calibration_split": 0.0}
+                                   "calibration_split": 0.0, "knn_space": "latent", "score_scales": 0}
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> HGADConfig:

@@ -28,7 +28,7 @@ SCORE_PARTS = {"product": ("logp", "ent"), "logp": ("logp",), "entropy": ("ent",
 _NEEDS = {"logp": "a log-likelihood map", "ent": "a model of two or more classes with the hgmm prior",
           "maha": "the class Gaussians of the latents (--latent-gauss) and the per-position statistics of the "
                   "deploy protocol (--score-norm zscore)",
-          "knn": "the memory bank of training latents (--latent-knn) and the per-position statistics of the deploy "
+          "knn": "the memory bank of training vectors (--latent-knn) and the per-position statistics of the deploy "
                  "protocol (--score-norm zscore)"}
 _MIN_STD = 1e-3  # floor of a per-position standard deviation (one training image, or a constant map)
 
@@ -67,7 +67,9 @@ class Normalisation:
     ``clamp`` (deploy) and multiplied over parts; :class:`PositionStats` (``zscore``) make per-position
     z-scores, summed over parts. ``ent`` is None for models without an entropy map, ``maha`` for models
     without class Gaussians of the latents, ``knn`` for models without a memory bank (both are None under
-    the release's max normalisation, which has neither).
+    the release's max normalisation, which has neither). ``scales`` > 0 sums only that many z-scored scales,
+    finest first (``score_scales``); 0 sums all (the max normalisation always combines every scale, as the
+    release).
     """
 
     logp: MapStats | PositionStats
@@ -75,6 +77,7 @@ class Normalisation:
     clamp: bool = False
     maha: PositionStats | None = None
     knn: PositionStats | None = None
+    scales: int = 0
 
     def maps(self, latent: Mapping[str, Sequence[Tensor] | None], score: str, rows: Tensor, out_size: int,
              sigma: float) -> Tensor:
@@ -87,6 +90,7 @@ class Normalisation:
             if stats is None or levels is None:
                 raise ConfigError("--score", f"{score} needs {_NEEDS[part]}")
             if isinstance(stats, PositionStats):
+                levels = levels[:self.scales] if self.scales else levels
                 means, stds = stats.for_images(rows)
                 one = zscore_map(levels, means, stds, out_size, sigma)
                 total = one if total is None else total + one

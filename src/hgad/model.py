@@ -51,7 +51,7 @@ class LatentMaps:
     classes: Tensor  # (B,) class whose intra-class mixture scored each image
     class_maps: list[Tensor] | None = None  # per scale (B, h, w): most probable class of each vector
     maha: list[Tensor] | None = None  # per scale (B, h, w): minus the latent's distance to its class Gaussian
-    knn: list[Tensor] | None = None  # per scale (B, h, w): minus the distance to the nearest banked latent
+    knn: list[Tensor] | None = None  # per scale (B, h, w): minus the distance to the nearest banked vector
 
     def to(self, device: torch.device | str) -> LatentMaps:
         """The same maps on ``device``."""
@@ -117,11 +117,11 @@ class HGAD(nn.Module):
             for lvl, d in enumerate(dims):
                 self.register_buffer(f"lat_mean{lvl}", torch.zeros(n_classes, d))
                 self.register_buffer(f"lat_root{lvl}", torch.eye(d).repeat(n_classes, 1, 1))
-        if cfg.latent_knn:  # each class's sample of training latents, set by set_knn_bank()
+        if cfg.latent_knn:  # each class's sample of training vectors (knn_space), set by set_knn_bank()
             shapes = list(zip(self.backbone.scale_shapes(cfg.img_size), dims))
             size = 4 * n_classes * cfg.latent_knn * sum(h * w * d for (h, w), d in shapes)
             if size > _MAX_BANK_BYTES:
-                raise ConfigError("--latent-knn", f"{cfg.latent_knn} images' worth of latents for {n_classes} classes "
+                raise ConfigError("--latent-knn", f"{cfg.latent_knn} images' worth of vectors for {n_classes} classes "
                                   f"at --img-size {cfg.img_size} is a {size / 2 ** 30:.1f} GiB memory bank (at most "
                                   f"{_MAX_BANK_BYTES / 2 ** 30:.0f} GiB); lower --latent-knn or --img-size")
             for lvl, ((h, w), d) in enumerate(shapes):
@@ -189,12 +189,19 @@ class HGAD(nn.Module):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def encode(self, feat: Tensor, level: int) -> tuple[Tensor, Tensor]:
-        """Flow of scale ``level``: features (B, D, h, w) -> z (B*h*w, D) float32 and log-det (B*h*w,)."""
+    def flow_input(self, feat: Tensor, level: int) -> Tensor:
+        """What the flow of scale ``level`` reads: features (B, D, h, w) -> vectors (B*h*w, D) float32, whitened
+        when ``whiten``."""
         b, d, h, w = feat.shape
         x = feat.to(self.device, torch.float32).permute(0, 2, 3, 1).reshape(b * h * w, d)
         if self.cfg.whiten:
             x = F.linear(x - getattr(self, f"feat_mean{level}"), getattr(self, f"feat_whiten{level}"))
+        return x
+
+    def encode(self, feat: Tensor, level: int) -> tuple[Tensor, Tensor]:
+        """Flow of scale ``level``: features (B, D, h, w) -> z (B*h*w, D) float32 and log-det (B*h*w,)."""
+        h, w = feat.shape[2:]
+        x = self.flow_input(feat, level)
         c = self._positions(h, w, x.device)  # (h*w, P), shared by the b images (not repeated)
         with self._autocast():
             z, logdet = self.flows[level](x, c)
@@ -266,7 +273,7 @@ class HGAD(nn.Module):
             logp = [gaussian_log_likelihood(z, logdet).view(b, h, w) for (z, logdet), (h, w) in zip(zs, shapes)]
             cls = (classes if classes is not None else torch.zeros(b, dtype=torch.long)).to(self.device).long()
             return LatentMaps(logp=logp, ent=None, posterior=None, classes=cls, maha=self._maha(zs, shapes, cls),
-                              knn=self._knn(zs, shapes, cls, images, knn))
+                              knn=self._knn(feats, zs, cls, images, knn))
         post = torch.zeros(b, self.n_classes, device=self.device)
         count = 0
         class_maps = []
@@ -283,7 +290,7 @@ class HGAD(nn.Module):
             logp.append(log_likelihood(z, logdet, vec_cls, prior.intra_centres(), prior.log_w()).view(b, h, w))
             ent.append(neg_entropy(z, prior.mu).view(b, h, w))
         return LatentMaps(logp=logp, ent=ent, posterior=post, classes=cls, class_maps=class_maps,
-                          maha=self._maha(zs, shapes, cls), knn=self._knn(zs, shapes, cls, images, knn))
+                          maha=self._maha(zs, shapes, cls), knn=self._knn(feats, zs, cls, images, knn))
 
     def _maha(self, zs: list[tuple[Tensor, Tensor]], shapes: list, cls: Tensor) -> list[Tensor] | None:
         """Per scale (B, h, w): minus the distance of each latent to its image's class Gaussian (a log-map:
@@ -297,14 +304,23 @@ class HGAD(nn.Module):
             out.append(-mahalanobis(z.view(-1, int(h) * int(w), z.shape[1]), mean, root).view(-1, int(h), int(w)))
         return out
 
-    def _knn(self, zs: list[tuple[Tensor, Tensor]], shapes: list, cls: Tensor, images: Tensor | None,
+    def bank_vectors(self, feat: Tensor, level: int, z: Tensor | None = None) -> Tensor:
+        """The vectors (B*h*w, D) of scale ``level`` that the memory bank holds and the knn score compares
+        (``knn_space``): the flow's input, or its latents ``z`` (computed when not given)."""
+        if self.cfg.knn_space == "input":
+            return self.flow_input(feat, level)
+        return self.encode(feat, level)[0] if z is None else z
+
+    def _knn(self, feats: list[Tensor], zs: list[tuple[Tensor, Tensor]], cls: Tensor, images: Tensor | None,
              wanted: bool) -> list[Tensor] | None:
-        """Per scale (B, h, w): minus the distance of each latent to the nearest row of its class's memory bank
+        """Per scale (B, h, w): minus the distance of each vector to the nearest row of its class's memory bank
         (higher is more normal); ``None`` without ``latent_knn`` or when not ``wanted``."""
         if not (wanted and self.cfg.latent_knn):
             return None
         out = []
-        for lvl, ((z, _), (h, w)) in enumerate(zip(zs, shapes)):
+        for lvl, (f, (z, _)) in enumerate(zip(feats, zs)):
+            h, w = f.shape[2:]
+            z = self.bank_vectors(f, lvl, z)
             banned = None
             if images is not None:
                 if self._knn_owner is None:
@@ -318,10 +334,11 @@ class HGAD(nn.Module):
 
     @torch.no_grad()
     def set_knn_bank(self, batches) -> None:
-        """Fill each class's memory bank with a random sample of its training latents (``latent_knn``).
+        """Fill each class's memory bank with a random sample of its training vectors (``latent_knn``, of the
+        ``knn_space``: the flow's input or its latents).
 
         ``batches`` yields ``(per-scale features, labels, image indices)`` of the training images. The
-        non-parametric counterpart of the class Gaussian: a latent far from every training latent of its
+        non-parametric counterpart of the class Gaussian: a vector far from every training vector of its
         class is anomalous even where the Gaussian's ellipsoid covers it. A class with fewer vectors than
         the bank holds repeats them (a repeated row never changes a nearest distance). Which training image
         each row came from is kept until :meth:`forget_knn_owners`, so that calibration can score a training
@@ -339,7 +356,7 @@ class HGAD(nn.Module):
                 if lvl == len(kept):
                     kept.append({})
                 size = getattr(self, f"{_BANK}{lvl}").shape[1]
-                z = self.encode(f, lvl)[0].cpu().view(len(labels), -1, f.shape[1])
+                z = self.bank_vectors(f, lvl).cpu().view(len(labels), -1, f.shape[1])
                 for c in labels.unique().tolist():
                     own = labels == c
                     rows = z[own].reshape(-1, z.shape[-1])
@@ -424,7 +441,8 @@ class HGAD(nn.Module):
 
             return Normalisation(positions("logp"), positions("ent"),
                                  maha=positions("maha") if self.cfg.latent_gauss else None,
-                                 knn=positions("knn") if self.cfg.latent_knn else None)
+                                 knn=positions("knn") if self.cfg.latent_knn else None,
+                                 scales=self.cfg.score_scales)
         return Normalisation(MapStats(self.logp_max, self.logp_smax), MapStats(self.ent_max, self.ent_smax),
                              clamp=True)
 

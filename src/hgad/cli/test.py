@@ -34,8 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "ground truth (paper)")
     e.add_argument("--score", choices=CHOICES["score"], help="re-score with this pixel score without retraining: "
                    "product of the log-likelihood and entropy maps, logp only, entropy only, or (runs trained with "
-                   "the class Gaussians / memory bank of the latents) mahalanobis, knn or their sum "
-                   "mahalanobis+knn (default: the run's; with one class product means logp)")
+                   "the class Gaussians of the latents / a memory bank) mahalanobis, knn or their sum "
+                   "mahalanobis+knn (default: the run's; with one class product means logp; summed over the "
+                   "run's --score-scales finest scales)")
     e.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/test-PROTOCOL-CLASSSOURCE, "
                    "with -score-SCORE appended when --score is given)")
     add_device_args(e)
