@@ -75,22 +75,31 @@ def _whiten(train: torch.Tensor, test: torch.Tensor, eps: float = 0.01) -> tuple
     return (train - mean.float()) @ w, (test - mean.float()) @ w
 
 
-def screen(data: Path, overrides: dict[str, Any], knn: bool = False) -> dict[str, Any]:
-    """Image AUROC / pixel AUROC / AUPRO of the per-class feature Gaussian for one setting (``knn``: plus
-    the memory-bank map of the whitened features, the default score's second part)."""
+def dataset_features(data: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The catalog (``cat``), config (``cfg``), per-scale features of the training (``tr``) and test
+    (``te``) images of the fast preset with ``overrides``, the test masks, and both sets' true classes
+    (``tc``, ``ec``)."""
     from hgad.config import preset
     from hgad.data import discover
     from hgad.model import HGAD
 
-    t0 = time.perf_counter()
     cat = discover([f"mvtec:{data}"])
     cfg = preset("fast", **overrides)
     model = HGAD(cfg, list(cat.classes)).eval()
     with torch.no_grad():
         tr, _ = _features(model, list(cat.train), cfg.resize)
         te, masks = _features(model, list(cat.test), cfg.resize)
-    tc = torch.tensor([r.class_index for r in cat.train])
-    ec = torch.tensor([r.class_index for r in cat.test])
+    return {"cat": cat, "cfg": cfg, "tr": tr, "te": te, "masks": masks,
+            "tc": torch.tensor([r.class_index for r in cat.train]),
+            "ec": torch.tensor([r.class_index for r in cat.test])}
+
+
+def screen(data: Path, overrides: dict[str, Any], knn: bool = False) -> dict[str, Any]:
+    """Image AUROC / pixel AUROC / AUPRO of the per-class feature Gaussian for one setting (``knn``: plus
+    the memory-bank map of the whitened features, the default score's second part)."""
+    t0 = time.perf_counter()
+    f = dataset_features(data, overrides)
+    cat, cfg, tr, te, masks, tc, ec = (f[k] for k in ("cat", "cfg", "tr", "te", "masks", "tc", "ec"))
     y = len(cat.classes)
     levels = []
     for lvl in range(len(tr)):

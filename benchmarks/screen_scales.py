@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from explore_scores import _gauss_distance, _knn_distance, _metrics, _standardise, _to_map  # noqa: E402
-from screen_features import _features, _whiten  # noqa: E402
+from screen_features import _whiten, dataset_features  # noqa: E402
 
 # each row: (tap, scale index) pairs to sum, finest scale = 0
 ROWS: dict[str, list[tuple[int, int]]] = {
@@ -45,18 +45,8 @@ ROWS: dict[str, list[tuple[int, int]]] = {
 def part_maps(data: Path, tap: int) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """The catalog, per scale of the default pyramid on ``tap`` the standardised (Gaussian, bank) maps of
     the test images, and their masks."""
-    from hgad.config import preset
-    from hgad.data import discover
-    from hgad.model import HGAD
-
-    cat = discover([f"mvtec:{data}"])
-    cfg = preset("fast", taps=(tap,))
-    model = HGAD(cfg, list(cat.classes)).eval()
-    with torch.no_grad():
-        tr, _ = _features(model, list(cat.train), cfg.resize)
-        te, masks = _features(model, list(cat.test), cfg.resize)
-    tc = torch.tensor([r.class_index for r in cat.train])
-    ec = torch.tensor([r.class_index for r in cat.test])
+    f = dataset_features(data, {"taps": (tap,)})
+    cat, tr, te, masks, tc, ec = (f[k] for k in ("cat", "tr", "te", "masks", "tc", "ec"))
     y = len(cat.classes)
     out = []
     for lvl in range(len(tr)):
