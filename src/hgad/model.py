@@ -320,7 +320,7 @@ class HGAD(nn.Module):
         out = []
         for lvl, (f, (z, _)) in enumerate(zip(feats, zs)):
             h, w = f.shape[2:]
-            z = self.bank_vectors(f, lvl, z)
+            v = self.bank_vectors(f, lvl, z)  # the flow's input or its latents, as the bank holds
             banned = None
             if images is not None:
                 if self._knn_owner is None:
@@ -328,7 +328,7 @@ class HGAD(nn.Module):
                 banned = self._knn_owner[lvl].to(cls.device)[cls] == images.to(cls.device).view(-1, 1)
                 banned &= ~banned.all(1, keepdim=True)  # a class of one image: nothing else to compare with
             bank = getattr(self, f"{_BANK}{lvl}")[cls]
-            out.append(-nearest_distance(z.view(-1, int(h) * int(w), z.shape[1]), bank, banned
+            out.append(-nearest_distance(v.view(-1, int(h) * int(w), v.shape[1]), bank, banned
                                          ).view(-1, int(h), int(w)))
         return out
 
@@ -356,11 +356,11 @@ class HGAD(nn.Module):
                 if lvl == len(kept):
                     kept.append({})
                 size = getattr(self, f"{_BANK}{lvl}").shape[1]
-                z = self.bank_vectors(f, lvl).cpu().view(len(labels), -1, f.shape[1])
+                v = self.bank_vectors(f, lvl).cpu().view(len(labels), -1, f.shape[1])
                 for c in labels.unique().tolist():
                     own = labels == c
-                    rows = z[own].reshape(-1, z.shape[-1])
-                    owner = images[own].repeat_interleave(z.shape[1])
+                    rows = v[own].reshape(-1, v.shape[-1])
+                    owner = images[own].repeat_interleave(v.shape[1])
                     keys = torch.rand(len(rows), generator=gen)
                     if c in kept[lvl]:
                         old_rows, old_keys, old_owner = kept[lvl][c]
