@@ -83,7 +83,7 @@ class HGADConfig:
     two_stage: bool = _opt(True, "train intra-class centres only after the first stage")
     # optimisation (docs/method.md, "Training schedule")
     meta_epochs: int = _opt(12, "meta-epochs (the learning-rate schedule steps once per meta-epoch)")
-    sub_epochs: int = _opt(4, "passes over the data per meta-epoch")
+    sub_epochs: int = _opt(2, "passes over the data per meta-epoch")
     stage1_epochs: int = _opt(2, "meta-epochs of stage 1 before the intra-class losses start")
     batch_size: int = _opt(8, "images per training step")
     lr: float = _opt(1e-3, "peak learning rate")
