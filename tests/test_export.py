@@ -83,11 +83,13 @@ def test_graph_has_no_loops_and_does_not_grow_with_the_number_of_vectors(exporte
     ops = {n.op_type for n in proto.graph.node}
     assert not ops & {"Loop", "Scan", "If", "SequenceConstruct", "SplitToSequence"}
     # a quarter of the vectors (64 px input): the same graph, only its constant shapes differ (new models:
-    # per-position statistics are shaped by the image size; the weights are irrelevant to the graph)
+    # per-position statistics are shaped by the image size; the weights are irrelevant to the graph). The
+    # memory bank is read in chunks of 1024 rows, one chunk more per 1024 rows of the model's (fixed) bank:
+    # 8 images' worth keeps both sizes' banks within one chunk
     cfg = load_model(tiny_run).cfg.to_dict()
     sizes = {}
     for size in (128, 64):
-        model = HGAD(config_from_dict({**cfg, "img_size": size}), ["a", "b"])
+        model = HGAD(config_from_dict({**cfg, "img_size": size, "latent_knn": 8}), ["a", "b"])
         sizes[size] = len(onnx.load_from_string(_trace(InferenceGraph(model), torch.zeros(1, 3, size, size),
                                                        17)).graph.node)
     assert sizes[64] == sizes[128]
