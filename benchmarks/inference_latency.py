@@ -1,6 +1,6 @@
 """Inference speed of ``Detector.predict``: single-image latency (with a breakdown) and batched throughput.
 
-The model is the ``fast`` preset (shipped EfficientNet-lite0 weights, 256 px) with untrained flows,
+The model is the ``fast`` preset (shipped EfficientNet-lite0 weights, 384 px, memory bank) with untrained flows,
 calibrated on a few demo images so that it has deploy statistics (latency does not depend on the
 weights' values); pass ``--run DIR`` to time a trained run folder instead. Inputs are demo test
 images already decoded into PIL images, so the time covers preprocessing (resize, crop,
