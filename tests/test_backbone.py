@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
+from hgad import backbone
 from hgad.backbone import (
     DEFAULT_BACKBONE,
     FeatureExtractor,
@@ -149,6 +150,24 @@ def test_pyramid_levels_are_bilinear_resizes(pyramid) -> None:
     with torch.no_grad():
         ref = full.blocks[:5](full.bn1(full.conv_stem(half)))
     assert torch.allclose(pyramid(x)[1], ref, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated; ONNX export still uses it
+def test_cpu_batches_are_cut_into_calls_with_the_same_features(pyramid, monkeypatch) -> None:
+    x = torch.rand(5, 3, 64, 64)
+    whole = pyramid._features(x)
+    calls = []
+    real = pyramid._features
+    monkeypatch.setattr(pyramid, "_features", lambda part: calls.append(part.shape[0]) or real(part))
+    monkeypatch.setattr(backbone, "_CPU_CALL_PIXELS", 2 * 64 * 64)  # two 64 px images per call
+    cut = pyramid(x)
+    assert calls == [2, 2, 1]
+    assert [m.shape for m in cut] == [m.shape for m in whole]
+    for a, b in zip(cut, whole):
+        assert torch.allclose(a, b, atol=1e-4)  # features of magnitude ~5: float32 summation order
+    calls.clear()
+    traced = torch.jit.trace(lambda t: pyramid(t)[0], x, check_trace=False)  # a trace keeps one call
+    assert calls == [5] and torch.allclose(traced(x), whole[0], atol=1e-4)
 
 
 def test_layers_mode() -> None:

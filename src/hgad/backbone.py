@@ -38,6 +38,12 @@ __all__ = [
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
+# Input pixels per backbone call on the CPU: larger batches are cut into calls of about this size. One
+# call's activations then stay in the CPU's caches: at 384 px one image per call is about twice as fast
+# per image as a batch of 8, while small images (128 px) are fastest as one batch (benchmarks/README.md,
+# "CPU inference").
+_CPU_CALL_PIXELS = 2 ** 17
+
 # timm architecture -> importable package whose single weights file is that backbone's ImageNet
 # state dict (lukemelas key names, same tensor order as timm's full model).
 _WEIGHT_PACKAGES = {
@@ -373,12 +379,11 @@ class FeatureExtractor(nn.Module):
         """Feature maps (B, C_s, H_s, W_s) for an image batch (B, 3, H, W), finest scale first."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an image batch (B, 3, H, W), got shape {tuple(x.shape)}")
-        if x.device.type == "cpu" and x.shape[0] > 1 and not torch.jit.is_tracing():
-            # on a CPU one image at a time is about twice as fast per image as a batch of 8 at 384 px (the
-            # activations of one image stay in cache; measured, benchmarks/README.md); a trace keeps the
-            # batch whole so that the exported graph's batch size stays dynamic
-            parts = [self._features(x[i:i + 1]) for i in range(x.shape[0])]
-            return [torch.cat(maps) for maps in zip(*parts)]
+        if x.device.type == "cpu" and not torch.jit.is_tracing():  # a trace keeps the batch (dynamic in ONNX)
+            step = max(1, _CPU_CALL_PIXELS // (x.shape[-2] * x.shape[-1]))
+            if x.shape[0] > step:
+                parts = [self._features(x[i:i + step]) for i in range(0, x.shape[0], step)]
+                return [torch.cat(maps) for maps in zip(*parts)]
         return self._features(x)
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
