@@ -176,3 +176,14 @@ def test_cli_predict_reports_bad_files_and_scores_the_rest(tiny_run: Path, tiny_
     amap = np.load(tmp_path / "npy" / "maps" / "img0.npy")
     [direct] = Detector.load(tiny_run, "cpu").predict(Image.open(folder / "img0.png"))
     np.testing.assert_array_equal(amap, map_to_original(direct.anomaly_map, 32, 32, "squash"))
+
+
+def test_colorize_is_jet_in_bytes_clipped_to_vmax():
+    from hgad.report import colorize
+
+    rgb = colorize(np.array([[0.0, 5.0, 10.0, 20.0, -3.0]], np.float32), 10.0)
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 5, 3) and rgb.flags["C_CONTIGUOUS"]
+    # jet: 0 -> (0, 0, 0.5), 1 -> (0.5, 0, 0), the middle light green; 255 * value, truncated
+    assert rgb[0, 0].tolist() == [0, 0, 127] and rgb[0, 2].tolist() == [127, 0, 0]
+    assert rgb[0, 1, 1] > 200 and rgb[0, 3].tolist() == rgb[0, 2].tolist() and rgb[0, 4].tolist() == rgb[0, 0].tolist()
+    assert (colorize(np.ones((2, 2), np.float32), 0.0) == rgb[0, 0]).all()  # vmax 0: nothing to show
