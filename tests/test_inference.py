@@ -20,6 +20,7 @@ from hgad.data import discover
 from hgad.errors import ConfigError
 from hgad.evaluation import evaluate
 from hgad.geometry import map_to_original
+from hgad.report import colorize
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +180,6 @@ def test_cli_predict_reports_bad_files_and_scores_the_rest(tiny_run: Path, tiny_
 
 
 def test_colorize_is_jet_in_bytes_clipped_to_vmax():
-    from hgad.report import colorize
-
     rgb = colorize(np.array([[0.0, 5.0, 10.0, 20.0, -3.0]], np.float32), 10.0)
     assert rgb.dtype == np.uint8 and rgb.shape == (1, 5, 3) and rgb.flags["C_CONTIGUOUS"]
     # jet: 0 -> (0, 0, 0.5), 1 -> (0.5, 0, 0), the middle light green; 255 * value, truncated
