@@ -61,29 +61,33 @@ def screen(data: Path, names: list[str]) -> tuple[dict[str, Any], dict[str, floa
         for sigma in SIGMAS:
             maps = _to_map([levels], size, sigma)
             for score, frac in TOP_FRACS.items():
-                r = _metrics(cat, maps, masks, frac)
                 key = f"{name}, sigma {sigma:g}, {score}"
-                rows[key] = r
-                per = " ".join(f"{100 * v['image_auroc']:.0f}" for v in r["per_class"].values())
-                pixel = "" if r["pixel_auroc"] is None else \
-                    f" pixel {100 * r['pixel_auroc']:.1f} aupro {100 * r['aupro']:.1f}"
-                print(f"{key:32s} image {100 * r['image_auroc']:.1f}{pixel} | {per}", flush=True)
+                rows[key] = report(key, _metrics(cat, maps, masks, frac))
         seconds[name] = round(time.perf_counter() - t0, 1)
     return rows, seconds
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def report(key: str, r: dict[str, Any]) -> dict[str, Any]:
+    """Print one row's means and per-class image AUROCs; return the row."""
+    per = " ".join(f"{100 * v['image_auroc']:.0f}" for v in r["per_class"].values())
+    pixel = "" if r["pixel_auroc"] is None else f" pixel {100 * r['pixel_auroc']:.1f} aupro {100 * r['aupro']:.1f}"
+    print(f"{key:32s} image {100 * r['image_auroc']:.1f}{pixel} | {per}", flush=True)
+    return r
+
+
+def cli(doc: str, grid: dict[str, Any], run) -> None:
+    """The command line of a screen: ``run(data, names)`` gives (rows, seconds), written to ``--out``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="dataset folder (MVTec layout)")
-    p.add_argument("--only", nargs="+", choices=list(GRID), default=list(GRID), help="feature settings to screen")
+    p.add_argument("--only", nargs="+", choices=list(grid), default=list(grid), help="rows to screen")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, help="results JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rows, seconds = screen(args.data, args.only)
+    rows, seconds = run(args.data, args.only)
     if args.out:
         args.out.write_text(json.dumps({"data": str(args.data), "seconds": seconds, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, GRID, screen)

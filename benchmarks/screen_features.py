@@ -47,8 +47,10 @@ GRID: dict[str, dict[str, Any]] = {
 }
 
 
-def _features(model, records, resize: str, batch: int = 16) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per scale, the (N, h, w, D) feature vectors of ``records``; and their masks (N, S, S)."""
+def _features(model, records, resize: str, batch: int = 16,
+              transform=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per scale, the (N, h, w, D) feature vectors of ``records`` (each image passed through ``transform``
+    first, if given); and their masks (N, S, S)."""
     from hgad.data import ImageDataset
 
     cfg = model.cfg
@@ -58,7 +60,8 @@ def _features(model, records, resize: str, batch: int = 16) -> tuple[list[torch.
     for start in range(0, len(ds), batch):
         items = [ds[i] for i in range(start, min(len(ds), start + batch))]
         masks.extend(it.mask[0] for it in items)
-        for lvl, f in enumerate(model.extract(torch.stack([it.image for it in items]))):
+        images = torch.stack([it.image for it in items])
+        for lvl, f in enumerate(model.extract(images if transform is None else transform(images))):
             if lvl == len(out):
                 out.append([])
             out[lvl].append(f.float().permute(0, 2, 3, 1))

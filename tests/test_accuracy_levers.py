@@ -4,6 +4,7 @@ and a meaningful default score for a one-class model."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,7 @@ def test_nearest_distance_by_hand() -> None:
 
 @pytest.mark.parametrize("space", ["input", "latent"])
 def test_knn_bank_holds_each_class_vectors_and_leaves_an_image_out(space: str) -> None:
-    model = _tiny_model(2, knn_space=space)
+    model = _tiny_model(2, knn_space=space, knn_hflip=True)
     assert model.cfg.latent_knn and "knn_bank0" in model.trainable_state()
     feats, labels = _two_batches(model)
     model.set_knn_bank(zip(feats, labels, [torch.arange(0, 4), torch.arange(4, 8)]))
@@ -267,7 +268,8 @@ def test_knn_bank_holds_each_class_vectors_and_leaves_an_image_out(space: str) -
         z = torch.cat([made(f[lvl], lvl).view(4, -1, f[lvl].shape[1]) for f in feats])
         assert torch.equal(model.bank_vectors(feats[0][lvl], lvl), made(feats[0][lvl], lvl))
         bank = getattr(model, f"knn_bank{lvl}")
-        assert bank.shape[1] == model.cfg.latent_knn * z.shape[1]  # 32 images' worth: 4 images, repeated
+        # 32 images' worth of each copy (the images and their mirrored copies): 4 images, repeated
+        assert model.cfg.knn_hflip and bank.shape[1] == 2 * model.cfg.latent_knn * z.shape[1]
         for c in range(2):
             own = z[y == c].reshape(-1, z.shape[-1])
             # every row of the bank is one of the class's vectors, and every vector is in the bank
@@ -290,6 +292,23 @@ def test_knn_bank_holds_each_class_vectors_and_leaves_an_image_out(space: str) -
     assert "knn_bank0" not in legacy.trainable_state() and legacy.latent_maps(feats[0]).knn is None
     with pytest.raises(ConfigError, match="latent-knn"):
         legacy.score_kind("mahalanobis+knn")
+
+
+def test_a_training_image_is_left_out_of_the_bank_with_its_mirrored_copy() -> None:
+    """The mirrored copy of a feature map holds the same vectors (at mirrored positions): were it not left
+    out with its image, a training image would find itself at distance 0 and its statistics would be 0."""
+    model = _tiny_model(2, knn_hflip=True)
+    feats, labels = _two_batches(model)
+    flipped = [[f.flip(-1) for f in batch] for batch in feats]
+    idx = [torch.arange(0, 4), torch.arange(4, 8)]
+    model.set_knn_bank(itertools.chain(zip(feats, labels, idx), zip(flipped, labels, idx)))
+    mirror_member = model.latent_maps(flipped[0], labels[0])
+    left_out = model.latent_maps(flipped[0], labels[0], images=idx[0])
+    assert all(bool((m.abs() < 1e-3).all()) for m in mirror_member.knn)
+    assert all(bool((m < -1e-3).all()) for m in left_out.knn)
+    model.forget_knn_owners()
+    one = HGAD(dataclasses.replace(model.cfg, knn_hflip=False), ["a", "b"])
+    assert one.knn_bank0.shape[1] * 2 == model.knn_bank0.shape[1]
 
 
 def test_a_memory_bank_too_large_is_refused() -> None:

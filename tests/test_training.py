@@ -175,6 +175,12 @@ def test_feature_store_matches_backbone(tiny_data: Path):
     model = HGAD(cfg, catalog.classes)
     store = FeatureStore(model, catalog.train, cfg, progress=False)
     idx = torch.tensor([3, 0])
-    direct = model.extract(torch.stack([store.dataset[3].image, store.dataset[0].image]))
-    for a, b in zip(store.get(idx), direct):
+    images = torch.stack([store.dataset[3].image, store.dataset[0].image])
+    for a, b in zip(store.get(idx), model.extract(images)):
         assert torch.allclose(a, b, atol=1e-6)
+    # the memory bank's mirrored copies: the images flipped left to right before the backbone, cached or not
+    for mode in ("memory", "none"):
+        mirrored = FeatureStore(model, catalog.train, preset("fast", **TINY, cache_dtype="float32", cache=mode),
+                                progress=False, hflip=True)
+        for a, b in zip(mirrored.get(idx), model.extract(images.flip(-1))):
+            assert torch.allclose(a, b, atol=1e-6)

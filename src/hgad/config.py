@@ -114,6 +114,10 @@ class HGADConfig:
     latent_knn: int = _opt(32, "after training, keep up to this many training images' worth of vectors per class "
                            "and scale (a random sample) with the model as the memory bank of the knn score "
                            "(0: none; zscore only)")
+    knn_hflip: bool = _opt(False, "the memory bank also holds the vectors of the training images flipped left "
+                           "to right (latent_knn images' worth of each copy: twice the rows), so that a normal image "
+                           "showing a mirrored variant of the training content is not flagged; for surfaces whose "
+                           "mirror image is normal too, never for parts whose mirror image is a defect")
     knn_space: str = _opt("input", "what the memory bank holds: input (what the flow reads: the features, whitened "
                           "with --whiten) or latent (the flow's latent vectors)")
     blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly maps (0 disables)")
@@ -262,7 +266,8 @@ DEFAULT_PRESET = "fast"
 # config.json predates them is loaded with these, never with today's defaults.
 LEGACY_DEFAULTS: dict[str, Any] = {"feature_pool": 1, "input_norm": "imagenet", "whiten": False,
                                    "score_norm": "max", "latent_gauss": False, "latent_knn": 0, "resize": "crop",
-                                   "calibration_split": 0.0, "knn_space": "latent", "score_scales": 0}
+                                   "calibration_split": 0.0, "knn_space": "latent", "score_scales": 0,
+                                   "knn_hflip": False}
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> HGADConfig:

@@ -119,13 +119,14 @@ class HGAD(nn.Module):
                 self.register_buffer(f"lat_root{lvl}", torch.eye(d).repeat(n_classes, 1, 1))
         if cfg.latent_knn:  # each class's sample of training vectors (knn_space), set by set_knn_bank()
             shapes = list(zip(self.backbone.scale_shapes(cfg.img_size), dims))
-            size = 4 * n_classes * cfg.latent_knn * sum(h * w * d for (h, w), d in shapes)
+            rows = cfg.latent_knn * (1 + cfg.knn_hflip)  # images' worth of rows: each copy's share
+            size = 4 * n_classes * rows * sum(h * w * d for (h, w), d in shapes)
             if size > _MAX_BANK_BYTES:
                 raise ConfigError("--latent-knn", f"{cfg.latent_knn} images' worth of vectors for {n_classes} classes "
                                   f"at --img-size {cfg.img_size} is a {size / 2 ** 30:.1f} GiB memory bank (at most "
                                   f"{_MAX_BANK_BYTES / 2 ** 30:.0f} GiB); lower --latent-knn or --img-size")
             for lvl, ((h, w), d) in enumerate(shapes):
-                self.register_buffer(f"{_BANK}{lvl}", torch.zeros(n_classes, cfg.latent_knn * h * w, d))
+                self.register_buffer(f"{_BANK}{lvl}", torch.zeros(n_classes, rows * h * w, d))
         self._knn_owner: list[Tensor] | None = None  # (Y, M) training image of each bank row, while calibrating
         if cfg.whiten:  # mean and whitening matrix of the training features, set by set_feature_stats()
             for lvl, d in enumerate(dims):
@@ -337,7 +338,9 @@ class HGAD(nn.Module):
         """Fill each class's memory bank with a random sample of its training vectors (``latent_knn``, of the
         ``knn_space``: the flow's input or its latents).
 
-        ``batches`` yields ``(per-scale features, labels, image indices)`` of the training images. The
+        ``batches`` yields ``(per-scale features, labels, image indices)`` of the training images (and, with
+        ``knn_hflip``, of their mirrored copies under the same indices: a training image's search then leaves
+        out both its copies). The
         non-parametric counterpart of the class Gaussian: a vector far from every training vector of its
         class is anomalous even where the Gaussian's ellipsoid covers it. A class with fewer vectors than
         the bank holds repeats them (a repeated row never changes a nearest distance). Which training image

@@ -10,6 +10,7 @@ alone writes files.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -65,14 +66,17 @@ def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
 class FeatureStore:
     """Per-scale backbone features of the training images, cached in memory or on disk, or recomputed.
 
-    ``get(idx)`` returns a list of (B, D_l, h_l, w_l) tensors for the images ``idx``. Under torchrun
+    ``get(idx)`` returns a list of (B, D_l, h_l, w_l) tensors for the images ``idx`` (of the images flipped
+    left to right with ``hflip``: the memory bank's mirrored copies, see ``knn_hflip``). Under torchrun
     every rank caches all images (each pass reshuffles which rank sees which image): the ranks extract
     alternate batches and exchange them, and rank 0 alone writes the disk cache.
     """
 
     def __init__(self, model: HGAD, records: Sequence[ImageRecord], cfg: HGADConfig,
-                 cache_dir: Path | None = None, progress: bool = True, batch_size: int = 16) -> None:
+                 cache_dir: Path | None = None, progress: bool = True, batch_size: int = 16,
+                 hflip: bool = False) -> None:
         self.model = model
+        self.hflip = hflip
         self.mode = cfg.cache
         self.dataset = ImageDataset(records, cfg.img_size, cfg.map_size, model.input_norm, cfg.resize)
         self.cfg = cfg
@@ -93,10 +97,10 @@ class FeatureStore:
             return
         # zeros, not empty, under torchrun: rows other ranks extract are summed in by merge_disjoint_
         alloc = torch.empty if ctx is None else torch.zeros
-        bar = tqdm(total=sum(map(len, batches)), desc="features", unit="img", disable=not progress,
-                   leave=False)
+        bar = tqdm(total=sum(map(len, batches)), desc="mirrored features" if hflip else "features", unit="img",
+                   disable=not progress, leave=False)
         for batch in loader:
-            feats = model.extract(batch.image)
+            feats = self._extract(batch.image)
             if not self.levels:
                 self.levels = [alloc((len(self.dataset), *f.shape[1:]), dtype=dtype) for f in feats]
             i = batch.index
@@ -106,7 +110,7 @@ class FeatureStore:
         bar.close()
         if ctx is not None:
             if not self.levels:  # fewer batches than ranks: one image gives the shapes
-                shapes = [f.shape[1:] for f in model.extract(self.dataset[0].image[None])]
+                shapes = [f.shape[1:] for f in self._extract(self.dataset[0].image[None])]
                 self.levels = [alloc((len(self.dataset), *s), dtype=dtype) for s in shapes]
             for store in self.levels:
                 distributed.merge_disjoint_(store, ctx)
@@ -117,7 +121,7 @@ class FeatureStore:
         c = self.cfg
         recs = [str(r.path) for r in self.dataset.records]
         return json.dumps([c.backbone, c.backbone_weights, c.feature_mode, list(c.taps), c.pyramid_levels,
-                           c.img_size, c.cache_dtype, c.feature_pool, c.input_norm, c.resize, recs])
+                           c.img_size, c.cache_dtype, c.feature_pool, c.input_norm, c.resize, self.hflip, recs])
 
     def _save_disk(self, cache_dir: Path) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -152,11 +156,13 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _extract(self, images: Tensor) -> list[Tensor]:
+        return self.model.extract(images.flip(-1) if self.hflip else images)
+
     def get(self, idx: Tensor) -> list[Tensor]:
         """Per-scale features (B, D_l, h_l, w_l) of the images ``idx``, on the model's device."""
         if self.mode == "none":
-            images = torch.stack([self.dataset[int(i)].image for i in idx])
-            return self.model.extract(images)
+            return self._extract(torch.stack([self.dataset[int(i)].image for i in idx]))
         return [t[idx].to(self.model.device, non_blocking=True) for t in self.levels]
 
 
@@ -208,7 +214,9 @@ def fit(model: HGAD, records: Sequence[ImageRecord], run_dir: Path, *, resume: b
     t_train = time.perf_counter() - t0 - t_feat
     model.eval()
     # every rank calibrates on the whole cache: same weights and features give the same statistics
-    accuracy = calibrate(model, store, labels, progress=progress)
+    mirrored = FeatureStore(model, records, cfg, run_dir / "cache-hflip", progress=progress, hflip=True) \
+        if cfg.latent_knn and cfg.knn_hflip else None
+    accuracy = calibrate(model, store, labels, mirrored=mirrored, progress=progress)
     if main:
         save_model(run_dir, model)
     seconds = time.perf_counter() - t0
@@ -371,22 +379,26 @@ _MAP_KINDS = ("logp", "ent", "maha", "knn")
 
 
 @torch.no_grad()
-def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, batch_size: int = 16,
-              progress: bool = True) -> float:
+def calibrate(model: HGAD, store: FeatureStore, labels: Tensor, *, mirrored: FeatureStore | None = None,
+              batch_size: int = 16, progress: bool = True) -> float:
     """Deploy-protocol statistics and per-class thresholds from the training images (docs/method.md, "Scoring").
+
+    ``mirrored``: the features of the same images flipped left to right, which the memory bank holds too.
 
     Returns the fraction of training vectors whose most probable class is their own.
     """
     n = len(store)
     starts = range(0, n, batch_size)
 
-    def batches(with_index: bool = False):
+    def batches(with_index: bool = False, source: FeatureStore = store):
         for start in starts:
             idx = torch.arange(start, min(n, start + batch_size))
-            yield (store.get(idx), labels[idx], idx) if with_index else (store.get(idx), labels[idx])
+            yield (source.get(idx), labels[idx], idx) if with_index else (source.get(idx), labels[idx])
 
     model.set_latent_stats(batches())  # before the maps: the mahalanobis maps need the class Gaussians
-    model.set_knn_bank(batches(with_index=True))  # and the knn maps the memory bank
+    # and the knn maps the memory bank (a mirrored copy keeps its image's index: left out with it)
+    model.set_knn_bank(itertools.chain(batches(with_index=True),
+                                       batches(with_index=True, source=mirrored) if mirrored is not None else ()))
     collected: dict[str, list[list[Tensor]]] = {kind: [] for kind in _MAP_KINDS}
     hits, total = 0, 0
     try:
