@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -92,6 +93,31 @@ def test_test_rescore_writes_its_own_folder(tiny_run: Path, capsys) -> None:
     default = json.loads((tiny_run / "test-deploy-inferred" / "metrics.json").read_text())
     assert default["score"] == preset("fast").score
     assert default["mean"]["pixel_auroc"] != metrics["mean"]["pixel_auroc"]
+
+
+def test_test_rescore_over_other_scales(tiny_run: Path, tiny_data: Path, capsys) -> None:
+    import hgad
+    from hgad.data import discover
+    from hgad.evaluation import evaluate
+
+    model = hgad.load(str(tiny_run), device="cpu").model
+    catalog = discover([f"mvtec:{tiny_data}"], need_train=False)
+    own = evaluate(model, catalog, progress=False)
+    same = evaluate(model, catalog, progress=False, score_scales=model.cfg.score_scales)
+    every = evaluate(model, catalog, progress=False, score_scales=0)
+    assert model.cfg.score_scales == 1 and len(model.flows) == 2
+    np.testing.assert_array_equal(same.scores, own.scores)
+    assert same.thresholds is not None and every.thresholds is None  # calibrated for the run's own maps only
+    assert not np.allclose(every.scores, own.scores)  # the coarse scale's z-map is added
+    via_api = hgad.load(str(tiny_run), device="cpu").evaluate([f"mvtec:{tiny_data}"], score_scales=0)
+    np.testing.assert_array_equal(via_api.scores, every.scores)
+    assert main(["test", str(tiny_run), "--score-scales", "0", "--no-progress", "--no-report"]) == 0
+    report = (tiny_run / "test-deploy-inferred-scales-0" / "metrics.json").read_text()
+    assert "summed over all finest scale(s)" in report
+    for bad in (["--score-scales", "3"], ["--score-scales", "0", "--protocol", "paper"]):
+        capsys.readouterr()
+        assert main(["test", str(tiny_run), *bad, "--no-progress", "--no-report"]) == 2
+        assert "--score-scales" in capsys.readouterr().err
 
 
 def test_one_class_cli_run_scores_with_the_default(tmp_path: Path, tiny_data: Path, capsys) -> None:

@@ -90,13 +90,16 @@ class Detector:
         save_model(Path(run_dir), self.model)
 
     def evaluate(self, data: Sequence[str], *, protocol: str = "deploy", class_source: str = "inferred",
-                 classes: Sequence[str] | None = None, progress: bool = False) -> EvalResult:
-        """Metrics on the test split of ``data``; same as ``hgad test``."""
+                 classes: Sequence[str] | None = None, score: str | None = None, score_scales: int | None = None,
+                 progress: bool = False) -> EvalResult:
+        """Metrics on the test split of ``data``; same as ``hgad test`` (``score``, ``score_scales``: its
+        re-scoring options)."""
         from hgad.data import discover
         from hgad.evaluation import evaluate
 
         catalog = discover(list(data), classes, need_train=False)
-        return evaluate(self.model, catalog, protocol=protocol, class_source=class_source, progress=progress)
+        return evaluate(self.model, catalog, protocol=protocol, class_source=class_source, progress=progress,
+                        score=score, score_scales=score_scales)
 
     @property
     def class_names(self) -> list[str]:

@@ -84,22 +84,31 @@ def _vector_groups(logp: Tensor, mask: Tensor, label: int) -> tuple[Tensor, Tens
 @torch.no_grad()
 def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_source: str = "inferred",
              batch_size: int = 8, progress: bool = True, n_examples: int = 3, num_workers: int = 0,
-             score: str | None = None) -> EvalResult:
+             score: str | None = None, score_scales: int | None = None) -> EvalResult:
     """Score the test split of ``catalog`` and compute the metrics per class and their mean.
 
     ``score`` re-scores with another pixel score (``product``, ``logp``, ``entropy``, ``mahalanobis``, ``knn``,
-    ``mahalanobis+knn``) without retraining. The paper protocol normalises like the release, which has
+    ``mahalanobis+knn``) without retraining; ``score_scales`` sums that many finest scales (0: all) instead of
+    the run's own number (deploy protocol). The paper protocol normalises like the release, which has
     neither the class-Gaussian nor the memory-bank map: a model configured with them is scored there with
     the release's ``product``.
     """
     if protocol == "paper" and score is None and set(SCORE_PARTS[model.score_kind()]) & {"maha", "knn"}:
         score = "product"
     score = model.score_kind(score)
+    if score_scales is not None:
+        if protocol != "deploy":
+            raise ConfigError("--score-scales", "applies to the deploy protocol (the paper protocol normalises "
+                                                "like the release, over every scale)")
+        model.deploy_norm(score_scales)  # refuse a bad number before any image is read
+        if score_scales == model.cfg.score_scales:
+            score_scales = None  # the run's own maps: its thresholds apply
     mapping, unseen = _check_request(model, catalog, protocol, class_source)
     records = list(catalog.test)
     true_model_cls = torch.tensor([mapping[r.class_index] for r in records])
     parts = _score_batches(model, records, true_model_cls, protocol=protocol, class_source=class_source,
-                           score=score, batch_size=batch_size, num_workers=num_workers, progress=progress)
+                           score=score, score_scales=score_scales, batch_size=batch_size, num_workers=num_workers,
+                           progress=progress)
     empty_masks = _empty_masks(parts, records)
     scored = _gather(parts, records, catalog.classes, model.cfg.map_size, protocol)
     if protocol == "paper":
@@ -110,7 +119,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     if len(bad):
         first = records[int(bad[0])].path
         check_finite_maps(maps, "model", f"{len(bad)} of {len(records)} test images (first: {first})")
-    thresholds = _deployed_thresholds(model, protocol, score, predicted)
+    thresholds = None if score_scales is not None else _deployed_thresholds(model, protocol, score, predicted)
     per_class, examples, image_only = _per_class(catalog, records, maps, masks, scores, predicted, mapping, n_examples,
                                                  thresholds)
     seen = true_model_cls >= 0
@@ -152,7 +161,8 @@ def _check_request(model: HGAD, catalog: Catalog, protocol: str, class_source: s
 
 
 def _score_batches(model: HGAD, records: list[ImageRecord], true_model_cls: Tensor, *, protocol: str,
-                   class_source: str, score: str, batch_size: int, num_workers: int, progress: bool) -> list[dict]:
+                   class_source: str, score: str, score_scales: int | None, batch_size: int, num_workers: int,
+                   progress: bool) -> list[dict]:
     """This process's share of the test images, batch by batch: classes, masks, histogram groups and
     either the deploy maps or (paper) the latent maps, which need the whole set's statistics first."""
     cfg = model.cfg
@@ -162,7 +172,7 @@ def _score_batches(model: HGAD, records: list[ImageRecord], true_model_cls: Tens
                                                       cfg.resize),
                                          batch_sampler=distributed.shard_batches(len(records), batch_size, ctx),
                                          num_workers=num_workers)
-    norm = model.deploy_norm()
+    norm = model.deploy_norm(score_scales)
     parts: list[dict] = []
     for batch in tqdm(loader, desc=f"test ({protocol}, {class_source})", unit="batch", disable=not progress):
         idx = batch.index

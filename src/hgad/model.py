@@ -434,8 +434,16 @@ class HGAD(nn.Module):
             getattr(self, f"z_{kind}_mean{lvl}").copy_(mean)
             getattr(self, f"z_{kind}_std{lvl}").copy_(std)
 
-    def deploy_norm(self) -> Normalisation:
-        """The deploy protocol's normalisation: the statistics stored at training (``score_norm`` says which)."""
+    def deploy_norm(self, scales: int | None = None) -> Normalisation:
+        """The deploy protocol's normalisation: the statistics stored at training (``score_norm`` says which).
+        ``scales``: sum the z-maps of this many finest scales (0: all) instead of the run's ``score_scales``."""
+        if scales is not None:
+            if self.cfg.score_norm != "zscore":
+                raise ConfigError("--score-scales", "needs a model trained with --score-norm zscore (the max "
+                                                    "normalisation always combines every scale)")
+            if not 0 <= scales <= len(self.flows):
+                raise ConfigError("--score-scales", f"must be 0 (all) to {len(self.flows)} (the scales there are), "
+                                                    f"got {scales}")
         if self.cfg.score_norm == "zscore":
             def positions(kind: str) -> PositionStats:
                 n = len(self.flows)
@@ -445,7 +453,7 @@ class HGAD(nn.Module):
             return Normalisation(positions("logp"), positions("ent"),
                                  maha=positions("maha") if self.cfg.latent_gauss else None,
                                  knn=positions("knn") if self.cfg.latent_knn else None,
-                                 scales=self.cfg.score_scales)
+                                 scales=self.cfg.score_scales if scales is None else scales)
         return Normalisation(MapStats(self.logp_max, self.logp_smax), MapStats(self.ent_max, self.ent_smax),
                              clamp=True)
 

@@ -37,8 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "the class Gaussians of the latents / a memory bank) mahalanobis, knn or their sum "
                    "mahalanobis+knn (default: the run's; with one class product means logp; summed over the "
                    "run's --score-scales finest scales)")
+    e.add_argument("--score-scales", type=int, metavar="N",
+                   help="re-score summing the maps of the N finest scales (0: all) instead of the run's "
+                   "--score-scales (deploy protocol, runs trained with --score-norm zscore); the run's decision "
+                   "thresholds apply only to its own number")
     e.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/test-PROTOCOL-CLASSSOURCE, "
-                   "with -score-SCORE appended when --score is given)")
+                   "with -score-SCORE and -scales-N appended when --score or --score-scales is given)")
     add_device_args(e)
     e.add_argument("--no-report", action="store_true", help="skip report.html")
     add_weights_arg(e)
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     data = args.data or saved.get("data")
     if not data:
         raise ConfigError("--data", "required (the run does not record its training data)")
-    suffix = f"-score-{args.score}" if args.score else ""
+    suffix = (f"-score-{args.score}" if args.score else "") + \
+        (f"-scales-{args.score_scales}" if args.score_scales is not None else "")
     out = args.out or args.run_dir / f"test-{args.protocol}-{args.class_source}{suffix}"
     check_writable(out)
     check_output_folder(out, REPORT_ENTRIES, "hgad test report")
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate(model, catalog, protocol=args.protocol, class_source=args.class_source,
                           batch_size=args.batch_size, progress=main and not args.no_progress,
-                          num_workers=model.cfg.num_workers, score=args.score)
+                          num_workers=model.cfg.num_workers, score=args.score, score_scales=args.score_scales)
     except InputError as err:
         if err.path != "model":
             raise
@@ -92,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for warning in result.warnings:
         print(f"hgad test: warning: {warning}", file=sys.stderr)
-    provenance = test_provenance(args.run_dir, saved, data, args.protocol, args.class_source, result.score)
+    score = result.score if args.score_scales is None else \
+        f"{result.score}, summed over {args.score_scales or 'all'} finest scale(s)"
+    provenance = test_provenance(args.run_dir, saved, data, args.protocol, args.class_source, score)
     with whole_folder(out) as work:  # the report folder is replaced as a whole: never new metrics beside an old report
         write_reports(result, work, html=not args.no_report, seconds=seconds, provenance=provenance)
     names = ["metrics.json", "metrics.md", "image_scores.csv"] + ([] if args.no_report else ["report.html"])
