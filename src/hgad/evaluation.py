@@ -96,18 +96,15 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     if protocol == "paper" and score is None and set(SCORE_PARTS[model.score_kind()]) & {"maha", "knn"}:
         score = "product"
     score = model.score_kind(score)
-    if score_scales is not None:
-        if protocol != "deploy":
-            raise ConfigError("--score-scales", "applies to the deploy protocol (the paper protocol normalises "
-                                                "like the release, over every scale)")
-        model.deploy_norm(score_scales)  # refuse a bad number before any image is read
-        if score_scales == model.cfg.score_scales:
-            score_scales = None  # the run's own maps: its thresholds apply
+    if score_scales is not None and protocol != "deploy":
+        raise ConfigError("--score-scales", "applies to the deploy protocol (the paper protocol normalises "
+                                            "like the release, over every scale)")
+    norm = model.deploy_norm(score_scales)  # refuses a bad number before any image is read
     mapping, unseen = _check_request(model, catalog, protocol, class_source)
     records = list(catalog.test)
     true_model_cls = torch.tensor([mapping[r.class_index] for r in records])
     parts = _score_batches(model, records, true_model_cls, protocol=protocol, class_source=class_source,
-                           score=score, score_scales=score_scales, batch_size=batch_size, num_workers=num_workers,
+                           score=score, norm=norm, batch_size=batch_size, num_workers=num_workers,
                            progress=progress)
     empty_masks = _empty_masks(parts, records)
     scored = _gather(parts, records, catalog.classes, model.cfg.map_size, protocol)
@@ -119,7 +116,7 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     if len(bad):
         first = records[int(bad[0])].path
         check_finite_maps(maps, "model", f"{len(bad)} of {len(records)} test images (first: {first})")
-    thresholds = None if score_scales is not None else _deployed_thresholds(model, protocol, score, predicted)
+    thresholds = _deployed_thresholds(model, protocol, score, norm, predicted)
     per_class, examples, image_only = _per_class(catalog, records, maps, masks, scores, predicted, mapping, n_examples,
                                                  thresholds)
     seen = true_model_cls >= 0
@@ -135,10 +132,12 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
                                 "pixel to the pixel metrics"] if empty_masks else [])
 
 
-def _deployed_thresholds(model: HGAD, protocol: str, score: str, predicted: Tensor) -> np.ndarray | None:
+def _deployed_thresholds(model: HGAD, protocol: str, score: str, norm: Normalisation, predicted: Tensor
+                         ) -> np.ndarray | None:
     """(N,) stored threshold of each image's scoring class; None where they do not apply: they were
-    calibrated for the deploy maps of the run's own score only."""
-    if protocol != "deploy" or score != model.score_kind() or not bool(torch.isfinite(model.threshold).all()):
+    calibrated for the deploy maps of the run's own score and scales only."""
+    if protocol != "deploy" or score != model.score_kind() or norm.scales != model.cfg.score_scales \
+            or not bool(torch.isfinite(model.threshold).all()):
         return None
     return model.threshold.cpu()[predicted].numpy().astype(np.float64)
 
@@ -161,7 +160,7 @@ def _check_request(model: HGAD, catalog: Catalog, protocol: str, class_source: s
 
 
 def _score_batches(model: HGAD, records: list[ImageRecord], true_model_cls: Tensor, *, protocol: str,
-                   class_source: str, score: str, score_scales: int | None, batch_size: int, num_workers: int,
+                   class_source: str, score: str, norm: Normalisation, batch_size: int, num_workers: int,
                    progress: bool) -> list[dict]:
     """This process's share of the test images, batch by batch: classes, masks, histogram groups and
     either the deploy maps or (paper) the latent maps, which need the whole set's statistics first."""
@@ -172,7 +171,6 @@ def _score_batches(model: HGAD, records: list[ImageRecord], true_model_cls: Tens
                                                       cfg.resize),
                                          batch_sampler=distributed.shard_batches(len(records), batch_size, ctx),
                                          num_workers=num_workers)
-    norm = model.deploy_norm(score_scales)
     parts: list[dict] = []
     for batch in tqdm(loader, desc=f"test ({protocol}, {class_source})", unit="batch", disable=not progress):
         idx = batch.index
