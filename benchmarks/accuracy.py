@@ -147,14 +147,17 @@ def run_gaussian(data: Path, unified: bool) -> dict[str, Any]:
 def _metrics(cat, maps, masks, train_s: float, test_s: float) -> dict[str, Any]:
     import numpy as np
 
-    from hgad.metrics import image_metrics, pixel_metrics, summarise
+    from hgad.metrics import by_defect_type, image_metrics, pixel_metrics, summarise
 
     scores = maps.flatten(1).amax(1).numpy()
     labels = np.array([r.label for r in cat.test])
     cls = np.array([r.class_index for r in cat.test])
-    per_class = {}
+    types = np.array([r.defect_type for r in cat.test], dtype=object)
+    per_class, per_defect = {}, {}
     for c, name in enumerate(cat.classes):
         sel = cls == c
+        kinds = by_defect_type(scores[sel], labels[sel], types[sel])
+        per_defect[name] = {k: v["image_auroc"] for k, v in kinds.items()}
         m = {k: v for k, v in image_metrics(scores[sel], labels[sel]).items() if k == "image_auroc"}
         if cat.has_masks.get(name):
             m.update({k: v for k, v in pixel_metrics(maps[sel].numpy(), masks[sel].numpy() > 0.5).items()
@@ -162,7 +165,7 @@ def _metrics(cat, maps, masks, train_s: float, test_s: float) -> dict[str, Any]:
         per_class[name] = m
     mean = summarise(per_class)
     return {**{k: mean.get(k) for k in _METRICS}, "train_s": round(train_s, 1), "test_s": round(test_s, 1),
-            "per_class": per_class}
+            "per_class": per_class, "per_defect_type": per_defect}
 
 
 # ---- hgad -----------------------------------------------------------------------------------------
@@ -184,6 +187,8 @@ def run_hgad(data: Path, run_dir: Path, preset: str | None, overrides: dict[str,
     per_class = {n: {k: m.get(k) for k in _METRICS} for n, m in res.per_class.items()}
     out = {**{k: res.mean.get(k) for k in _METRICS}, "train_s": round(train_s, 1), "test_s": round(test_s, 1),
            "class_accuracy": res.class_accuracy, "per_class": per_class, "preset": preset,
+           "per_defect_type": {c: {k: v["image_auroc"] for k, v in kinds.items()}
+                               for c, kinds in res.per_defect.items()},
            "config": det.model.cfg.to_dict()}
     variants = {}
     for score in rescore:
@@ -264,7 +269,27 @@ def markdown(payload: dict[str, Any]) -> str:
                      for m in methods.values()]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _defect_table(payload)
     return "\n".join(lines)
+
+
+def _defect_table(payload: dict[str, Any]) -> list[str]:
+    """Image AUROC per class and defect type (that type's images against the class's normal ones)."""
+    lines = []
+    for name, methods in payload["datasets"].items():
+        with_types = {m: r["per_defect_type"] for m, r in methods.items() if "per_defect_type" in r}
+        if not with_types:
+            continue
+        if not lines:
+            lines = ["Per defect type (image AUROC of that type's images against the class's normal ones, %):", ""]
+        lines += [f"| {name} | defect type | " + " | ".join(with_types) + " |", "|---|---|" + "---:|" * len(with_types)]
+        first = next(iter(with_types.values()))
+        for c, kinds in first.items():
+            for kind in kinds:
+                cells = [_pct(t.get(c, {}).get(kind)) for t in with_types.values()]
+                lines.append(f"| {c} | {kind} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def targets(payload: dict[str, Any]) -> list[str]:

@@ -35,6 +35,13 @@ from hgad.scoring import nearest_distance  # noqa: E402
 from screen_bank import cli, report  # noqa: E402
 from screen_features import _features, _whiten  # noqa: E402
 
+
+def _shift(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """The batch moved ``dx`` pixels right and ``dy`` down, the uncovered border mirrored in."""
+    padded = torch.nn.functional.pad(x, (dx, 0, dy, 0), mode="reflect")
+    return padded[..., : x.shape[-2], : x.shape[-1]]
+
+
 # Each copy: (turn an image batch (B, C, H, W), turn a map batch (N, h, w) back). Square inputs only.
 COPIES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
     "id": (lambda x: x, lambda m: m),
@@ -43,6 +50,10 @@ COPIES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.
     "rot180": (lambda x: x.rot90(2, (-2, -1)), lambda m: m.rot90(2, (-2, -1))),
     "rot90": (lambda x: x.rot90(1, (-2, -1)), lambda m: m.rot90(-1, (-2, -1))),
     "rot270": (lambda x: x.rot90(3, (-2, -1)), lambda m: m.rot90(1, (-2, -1))),
+    # half the finest grid's stride (16 px at 384 px): the vectors between the original grid's points
+    "shift x": (lambda x: _shift(x, 8, 0), lambda m: m),
+    "shift y": (lambda x: _shift(x, 0, 8), lambda m: m),
+    "shift xy": (lambda x: _shift(x, 8, 8), lambda m: m),
 }
 # Each row: (copies in the bank, copies averaged at test time).
 GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -50,6 +61,8 @@ GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "bank hflip": (("id", "hflip"), ("id",)),
     "bank flips": (("id", "hflip", "vflip", "rot180"), ("id",)),
     "bank flips+rot90": (("id", "hflip", "vflip", "rot180", "rot90", "rot270"), ("id",)),
+    "bank shift xy": (("id", "shift xy"), ("id",)),
+    "bank shifts": (("id", "shift x", "shift y", "shift xy"), ("id",)),
     "tta hflip": (("id",), ("id", "hflip")),
     "bank hflip, tta hflip": (("id", "hflip"), ("id", "hflip")),
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,8 @@ def cli(doc: str, grid: dict[str, Any], run) -> None:
     torch.set_num_threads(args.threads)
     rows, seconds = run(args.data, args.only)
     if args.out:
-        args.out.write_text(json.dumps({"data": str(args.data), "seconds": seconds, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"data": str(args.data), "load_avg_at_end": os.getloadavg(), "seconds": seconds,
+                                        "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

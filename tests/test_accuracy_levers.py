@@ -340,8 +340,10 @@ def test_a_training_image_is_left_out_of_the_bank_with_its_mirrored_copy() -> No
 def test_a_memory_bank_too_large_is_refused() -> None:
     cfg = preset("fast", backbone="test_efficientnet", backbone_weights="none", taps=(1,), img_size=1024,
                  pyramid_levels=2, n_blocks=1, pos_dim=8, n_intra=2, latent_knn=4096)
-    with pytest.raises(ConfigError, match="GiB memory bank"):
+    with pytest.raises(ConfigError, match="GiB memory bank.*lower --latent-knn or --img-size$"):
         HGAD(cfg, ["a", "b"])
+    with pytest.raises(ConfigError, match=r"vectors \(twice: --knn-hflip\).*or drop --knn-hflip$"):
+        HGAD(dataclasses.replace(cfg, knn_hflip=True), ["a", "b"])
 
 
 # a run of each earlier default, its config.json as that version wrote it (without the keys added since,

@@ -146,6 +146,18 @@ def test_cli_test_writes_reports(tiny_run: Path, tmp_path: Path, capsys):
     assert len(rows) == 9 and {r["scored_as"] for r in rows} <= {"alpha", "bottle"}
     assert {r["decision"] for r in rows} <= {"anomalous", "normal"}
     assert all((r["decision"] == "anomalous") == (float(r["score"]) > float(r["threshold"])) for r in rows)
+    # per defect type: each type's images against the class's normal ones, as the scores in the CSV give it
+    per_defect = metrics["per_defect_type"]
+    assert {c: sorted(k) for c, k in per_defect.items()} == {"alpha": ["hole"], "bottle": ["broken", "crack"]}
+    for cls, kinds in per_defect.items():
+        for kind, m in kinds.items():
+            normal = [float(r["score"]) for r in rows if r["class"] == cls and r["label"] == "0"]
+            bad = [float(r["score"]) for r in rows if r["class"] == cls and r["defect_type"] == kind]
+            assert m["n"] == len(bad) and m["image_auroc"] == pytest.approx(
+                np.mean([(b > g) + 0.5 * (b == g) for b in bad for g in normal]))
+            assert m["thr_recall"] == pytest.approx(np.mean([b > float(r["threshold"]) for b, r in zip(
+                bad, [r for r in rows if r["class"] == cls and r["defect_type"] == kind])]))
+    assert "| bottle | crack | 1 |" in printed and "Per defect type" in html
 
 
 def test_cli_predict_reports_bad_files_and_scores_the_rest(tiny_run: Path, tiny_data: Path, tmp_path: Path,

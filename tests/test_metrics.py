@@ -16,6 +16,7 @@ from hgad.metrics import (
     aupro,
     auroc,
     average_precision,
+    by_defect_type,
     f1_max,
     image_metrics,
     pixel_metrics,
@@ -278,3 +279,28 @@ def test_summarise_ignores_nan_and_orders_keys() -> None:
     assert math.isnan(out["aupro"])
     assert out["extra"] == 2.0
     assert summarise({}) == {}
+
+
+# --- per defect type ----------------------------------------------------------------------------
+
+
+def test_by_defect_type_hand_values() -> None:
+    # normals 1, 2, 3; scratches 2.5 (beats 2 of 3 normals) and 0 (beats none): AUROC (2 + 0) / 6 = 1/3;
+    # the one stain 4 beats all normals: 1. Thresholds 2.2 for every image: one scratch of two is caught.
+    scores = np.array([1.0, 2.0, 3.0, 2.5, 0.0, 4.0])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    types = ["good", "good", "good", "scratch", "scratch", "stain"]
+    out = by_defect_type(scores, labels, types, thresholds=np.full(6, 2.2))
+    assert list(out) == ["scratch", "stain"]
+    assert out["scratch"] == {"n": 2, "image_auroc": pytest.approx(1 / 3), "thr_recall": 0.5}
+    assert out["stain"] == {"n": 1, "image_auroc": 1.0, "thr_recall": 1.0}
+    # a tie with a normal counts half, as in the overall AUROC; no thresholds: no recall
+    tied = by_defect_type([1.0, 2.0, 2.0], [0, 0, 1], ["good", "good", "dent"])
+    assert tied == {"dent": {"n": 1, "image_auroc": 0.75}}
+
+
+def test_by_defect_type_without_normals_or_defects() -> None:
+    assert math.isnan(by_defect_type([1.0, 2.0], [1, 1], ["a", "b"])["a"]["image_auroc"])
+    assert by_defect_type([1.0, 2.0], [0, 0], ["good", "good"]) == {}
+    with pytest.raises(ValueError, match="1-D of one length"):
+        by_defect_type([1.0, 2.0], [0, 1], ["good"])

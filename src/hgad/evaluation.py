@@ -19,7 +19,7 @@ from hgad import distributed
 from hgad.data import Catalog, ImageDataset, ImageRecord
 from hgad.errors import ConfigError
 from hgad.map_stats import SCORE_PARTS, MapStats, Normalisation, compute_map_stats
-from hgad.metrics import image_metrics, pixel_metrics, summarise
+from hgad.metrics import by_defect_type, image_metrics, pixel_metrics, summarise
 from hgad.model import HGAD, LatentMaps
 from hgad.review import hardest
 from hgad.scoring import check_finite_maps
@@ -41,6 +41,7 @@ class EvalResult:
     score: str  # the pixel score the maps were made with
     per_class: dict[str, dict[str, float]]
     mean: dict[str, float]
+    per_defect: dict[str, dict[str, dict[str, float]]]  # class -> defect type -> n, image_auroc (, thr_recall)
     class_accuracy: float | None  # image-level accuracy of the class used for scoring
     records: list[ImageRecord]
     scores: np.ndarray  # (N,) image scores
@@ -122,7 +123,9 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
     seen = true_model_cls >= 0
     accuracy = float((predicted[seen] == true_model_cls[seen]).float().mean()) if bool(seen.any()) else None
     return EvalResult(protocol=protocol, class_source=class_source, score=score, per_class=per_class,
-                      mean=summarise(per_class), class_accuracy=accuracy, records=records,
+                      mean=summarise(per_class),
+                      per_defect=_per_defect(catalog, records, scores.numpy(), thresholds),
+                      class_accuracy=accuracy, records=records,
                       scores=scores.numpy(), predicted=predicted.numpy(),
                       model_classes=model.class_names, unseen=unseen,
                       histograms=_histograms(scored.hist), examples=examples, image_only=image_only,
@@ -285,6 +288,21 @@ def _per_class(catalog: Catalog, records: list[ImageRecord], maps: Tensor, masks
         examples[name] = [{"record": records[i], "map": maps[i].numpy(), "score": float(scores[i]),
                            "mask": masks[i].numpy(), "index": i} for i in defect + normal]
     return per_class, examples, image_only
+
+
+def _per_defect(catalog: Catalog, records: list[ImageRecord], scores: np.ndarray, thresholds: np.ndarray | None
+                ) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`hgad.metrics.by_defect_type` of each class that has anomalous test images."""
+    labels = np.array([r.label for r in records])
+    cls_idx = np.array([r.class_index for r in records])
+    types = np.array([r.defect_type for r in records], dtype=object)
+    out = {}
+    for c, name in enumerate(catalog.classes):
+        sel = cls_idx == c
+        if bool((labels[sel] == 1).any()):
+            out[name] = by_defect_type(scores[sel], labels[sel], types[sel],
+                                       None if thresholds is None else thresholds[sel])
+    return out
 
 
 def _histograms(hist: dict[str, dict[str, list[Tensor]]]) -> dict[str, dict[str, np.ndarray]]:

@@ -41,6 +41,7 @@ __all__ = [
     "aupro",
     "pixel_metrics",
     "image_metrics",
+    "by_defect_type",
     "summarise",
 ]
 
@@ -280,6 +281,30 @@ def image_metrics(scores: Any, labels: Any) -> dict[str, float]:
         "image_ap": _ap_from_counts(tp, fp),
         "image_f1max": _f1max_from_counts(tp, fp),
     }
+
+
+def by_defect_type(scores: Any, labels: Any, types: Any, thresholds: Any = None) -> dict[str, dict[str, float]]:
+    """Per defect type of one class: ``n`` images, the ``image_auroc`` of that type's images against all the
+    class's normal images (nan without normal images) and, with per-image ``thresholds``, ``thr_recall``,
+    the fraction of them scored above their threshold. Says which kinds of defect a model misses, which one
+    mean over all defects hides. Types are those of the anomalous images (label 1), sorted.
+    """
+    scores, labels = _to_numpy(scores).astype(np.float64), _binary(_to_numpy(labels), "labels")
+    types = np.asarray(types, dtype=object)
+    if not scores.shape == labels.shape == types.shape or scores.ndim != 1:
+        raise ValueError(f"scores, labels and types must be 1-D of one length, got shapes {scores.shape}, "
+                         f"{labels.shape}, {types.shape}")
+    normal = scores[~labels]
+    out: dict[str, dict[str, float]] = {}
+    for kind in sorted({str(t) for t in types[labels]}):
+        sel = labels & (types == kind)
+        both = np.concatenate([scores[sel], normal])
+        row = {"n": int(sel.sum()),
+               "image_auroc": auroc(both, np.r_[np.ones(int(sel.sum())), np.zeros(len(normal))])}
+        if thresholds is not None:
+            row["thr_recall"] = float(np.mean(scores[sel] > _to_numpy(thresholds).astype(np.float64)[sel]))
+        out[kind] = row
+    return out
 
 
 def summarise(per_class: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -122,9 +122,11 @@ class HGAD(nn.Module):
             rows = cfg.latent_knn * (1 + cfg.knn_hflip)  # images' worth of rows: each copy's share
             size = 4 * n_classes * rows * sum(h * w * d for (h, w), d in shapes)
             if size > _MAX_BANK_BYTES:
-                raise ConfigError("--latent-knn", f"{cfg.latent_knn} images' worth of vectors for {n_classes} classes "
-                                  f"at --img-size {cfg.img_size} is a {size / 2 ** 30:.1f} GiB memory bank (at most "
-                                  f"{_MAX_BANK_BYTES / 2 ** 30:.0f} GiB); lower --latent-knn or --img-size")
+                copies = " (twice: --knn-hflip)" if cfg.knn_hflip else ""
+                lower = "--latent-knn or --img-size" + (", or drop --knn-hflip" if cfg.knn_hflip else "")
+                raise ConfigError("--latent-knn", f"{cfg.latent_knn} images' worth of vectors{copies} for {n_classes} "
+                                  f"classes at --img-size {cfg.img_size} is a {size / 2 ** 30:.1f} GiB memory bank (at "
+                                  f"most {_MAX_BANK_BYTES / 2 ** 30:.0f} GiB); lower {lower}")
             for lvl, ((h, w), d) in enumerate(shapes):
                 self.register_buffer(f"{_BANK}{lvl}", torch.zeros(n_classes, rows * h * w, d))
         self._knn_owner: list[Tensor] | None = None  # (Y, M) training image of each bank row, while calibrating

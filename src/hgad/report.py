@@ -33,6 +33,8 @@ _HEADERS = {"image_auroc": "I-AUROC", "pixel_auroc": "P-AUROC", "aupro": "AUPRO"
             "thr_fpr": "FPR@thr", "thr_precision": "prec.@thr", "class_accuracy": "class acc."}
 _THR_NOTE = ("@thr: at the run's stored per-class threshold (anomalous when score > threshold); recall@thr = "
              "defects caught, FPR@thr = normal images flagged. I-F1max assumes an oracle threshold per class.")
+_DEFECT_NOTE = ("Per defect type: the image AUROC of that type's images against all normal test images of the "
+                "class (values in %).")
 _THUMB = 128  # px per thumbnail tile
 _JPEG_QUALITY = 80
 
@@ -73,7 +75,22 @@ def markdown_table(result: EvalResult) -> str:
         lines += ["", _THR_NOTE]
     if result.image_only:
         lines += ["", f"Image labels only (no ground-truth masks, so no pixel metrics): {', '.join(result.image_only)}"]
+    header, rows = _defect_rows(result)
+    if rows:
+        lines += ["", _DEFECT_NOTE, "", "| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _defect_rows(result: EvalResult) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-defect-type table (recall at the threshold when the run's thresholds apply)."""
+    header = ["class", "defect type", "images", "I-AUROC"] + (["recall@thr"] if result.thresholds is not None else [])
+    rows = []
+    for name, kinds in result.per_defect.items():
+        for kind, m in kinds.items():
+            row = [name, kind, str(m["n"]), percent(m["image_auroc"])]
+            rows.append(row + ([percent(m["thr_recall"])] if result.thresholds is not None else []))
+    return header, rows
 
 
 def decision_summary(result: EvalResult) -> dict[str, dict[str, Any]]:
@@ -101,6 +118,7 @@ def metrics_payload(result: EvalResult, seconds: float | None = None,
 
     return {"protocol": result.protocol, "class_source": result.class_source, "score": result.score,
             "per_class": {k: clean(v) for k, v in result.per_class.items()}, "mean": clean(result.mean),
+            "per_defect_type": {c: {k: clean(v) for k, v in kinds.items()} for c, kinds in result.per_defect.items()},
             "class_accuracy": result.class_accuracy, "unseen_classes": result.unseen,
             "image_label_only_classes": result.image_only, "decisions": decision_summary(result),
             "n_images": len(result.records), "seconds": seconds, "provenance": provenance or {}}
@@ -267,6 +285,10 @@ def _html(result: EvalResult, provenance: dict[str, Any]) -> str:
              "figcaption{font-size:12px;max-width:530px}"
              ".legend{color:#555;font-size:13px}img{max-width:100%}h4{margin:8px 0 2px}")
     note = f"<p class='legend'>{html.escape(_THR_NOTE)}</p>" if result.thresholds is not None else ""
+    header, rows = _defect_rows(result)
+    if rows:
+        note += (f"<h2>Per defect type</h2><p class='legend'>{html.escape(_DEFECT_NOTE)}</p>"
+                 + _table(header, [[html.escape(c) for c in row] for row in rows]))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>hgad report</title><style>{style}</style>"
             f"</head><body><h1>hgad evaluation report</h1>{_provenance_html(provenance)}"
             f"<p>protocol <b>{result.protocol}</b>, class source <b>{result.class_source}</b>, score "

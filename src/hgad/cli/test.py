@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """The ``test`` sub-parser."""
     e = sub.add_parser(NAME, help="evaluate a run on a dataset's test split",
                        description="Score the test images, compute image/pixel AUROC, AUPRO, AP and F1-max per "
-                       "class, and write metrics.json, metrics.md and report.html.")
+                       "class (and image AUROC per defect type), and write metrics.json, metrics.md, "
+                       "image_scores.csv and report.html.")
     e.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder written by hgad train")
     e.add_argument("--data", action="append", metavar="KIND:PATH",
                    help=DATA_HELP + " (default: the training data of the run)")
