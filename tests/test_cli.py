@@ -10,6 +10,7 @@ import pytest
 
 from hgad.cli import build_parser, main
 from hgad.config import HGADConfig, preset
+from hgad.errors import ConfigError
 
 
 def _subparsers() -> dict:
@@ -111,3 +112,21 @@ def test_small_usability_fixes(tiny_data, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as err:
         build_parser().parse_args(["predict", str(run), "x.png", "--threads", "0"])
     assert err.value.code == 2
+
+
+def test_config_values_are_type_checked() -> None:
+    # the API and a config.json hand over Python values: a wrong type is a ConfigError naming the flag
+    for kw, message in [({"whiten": "no"}, "--whiten: expected true or false, got 'no'"),
+                        ({"knn_hflip": 1}, "--knn-hflip: expected true or false, got 1"),
+                        ({"latent_knn": "32"}, "--latent-knn: expected an integer, got '32'"),
+                        ({"img_size": 384.5}, "--img-size: expected an integer, got 384.5"),
+                        ({"lr": "1e-3"}, "--lr: expected a number, got '1e-3'"),
+                        ({"backbone": None}, "--backbone: expected a text value, got None"),
+                        ({"taps": 3}, "--taps: expected a list of integers, got 3")]:
+        with pytest.raises(ConfigError) as err:
+            preset("fast", **kw)
+        assert str(err.value) == message
+    # numbers of the right kind are normalised: integral floats (JSON) to int, ints to float, lists to tuples
+    cfg = preset("fast", img_size=256.0, lr=1, taps=[3.0], backbone_weights=None)
+    assert (cfg.img_size, cfg.lr, cfg.taps) == (256, 1.0, (3,))
+    assert type(cfg.img_size) is int and type(cfg.lr) is float

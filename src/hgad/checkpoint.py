@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from hgad.config import LEGACY_DEFAULTS, config_from_dict
-from hgad.errors import InputError, brief
+from hgad.errors import ConfigError, InputError, brief
 from hgad.io import atomic_save_tensors, atomic_write_json
 from hgad.model import HGAD
 from hgad.version import __version__
@@ -142,8 +142,12 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu", **overrides: A
     """Rebuild the model of a run folder from its config and weights (backbone from the config)."""
     run_dir = Path(run_dir)
     data = read_run_config(run_dir)
-    cfg_dict = {**LEGACY_DEFAULTS, **data["config"], **overrides}
-    cfg = config_from_dict(cfg_dict, source=str(run_dir / CONFIG_FILE))
+    saved = {**LEGACY_DEFAULTS, **data["config"]}
+    try:  # a bad stored value (a hand-edited file) is the file's problem, a bad override the caller's
+        config_from_dict(saved, source=str(run_dir / CONFIG_FILE))
+    except ConfigError as err:
+        raise InputError(run_dir / CONFIG_FILE, f"bad stored setting {err}") from None
+    cfg = config_from_dict({**saved, **overrides}, source=str(run_dir / CONFIG_FILE))
     tensors, _ = read_tensors(run_dir / MODEL_FILE)
     try:
         model = HGAD(cfg, list(data["class_names"]))

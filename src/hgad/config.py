@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,20 @@ MAX_SIZE = 4096  # largest --img-size / --map-size: beyond it one image's featur
 # finished run for more meta-epochs, or at another learning rate, is what --resume is for); any
 # other difference changes the model or its statistics and is refused
 RESUME_MAY_CHANGE = ("cache", "cache_dtype", "device", "amp", "num_workers", "meta_epochs", "lr")
+
+
+def _integral(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+
+
+# the type of each field annotation: (test, what the error says was expected)
+_KINDS: dict[str, tuple[Any, str]] = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (_integral, "an integer"),
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a text value"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a text value or none"),
+}
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -131,8 +146,26 @@ class HGADConfig:
                              "(resolution: 1 / the calibration images of a class)")
 
     def __post_init__(self) -> None:
-        self.taps = tuple(int(t) for t in self.taps)
+        self._check_types()
         self.validate()
+
+    def _check_types(self) -> None:
+        """Every value of its field's type (integral numbers to int, numbers to float, taps to a tuple):
+        a wrong type from the API or a hand-edited config.json is a ConfigError naming the flag, never a
+        traceback later, and never a truthy string read as ``True``."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _KINDS.get(str(f.type))
+            if f.name == "taps":
+                ok = isinstance(value, list | tuple) and all(_integral(t) for t in value)
+                if not ok:
+                    raise ConfigError("--taps", f"expected a list of integers, got {value!r}")
+                self.taps = tuple(int(t) for t in value)
+            elif kind is not None and not kind[0](value):
+                raise ConfigError(flag_of(f.name), f"expected {kind[1]}, got {value!r}")
+            elif str(f.type) == "int":
+                setattr(self, f.name, int(value))
+            elif str(f.type) == "float":
+                setattr(self, f.name, float(value))
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work (before any heavy work starts)."""

@@ -289,6 +289,14 @@ def e_corrupt_config(c: Ctx):
     return ["test", run, *FAST], [run / "config.json", "not a hgad run config"]
 
 
+def e_config_wrong_type(c: Ctx):
+    run = c.run_copy()
+    saved = json.loads((run / "config.json").read_text())
+    saved["config"]["whiten"] = "no"  # a truthy string must not be read as True
+    (run / "config.json").write_text(json.dumps(saved))
+    return ["test", run, *FAST], [run / "config.json", "bad stored setting --whiten", "expected true or false"]
+
+
 def e_mask_missing(c: Ctx):
     root = c.with_masks()
     (root / "bottle" / "ground_truth" / "broken" / "001_mask.png").unlink()
@@ -456,6 +464,7 @@ CASES: dict[str, Callable[[Ctx], tuple[list, list]]] = {
     "test-tensors-vs-config-blocks": e_tensors_vs_config_blocks,
     "test-truncated-safetensors": e_truncated_safetensors,
     "test-corrupt-config": e_corrupt_config,
+    "test-config-wrong-type": e_config_wrong_type,
     "test-mask-missing": e_mask_missing,
     "test-mask-wrong-size": e_mask_wrong_size,
     "test-mask-without-image": e_mask_without_image,
