@@ -144,10 +144,11 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu", **overrides: A
     data = read_run_config(run_dir)
     saved = {**LEGACY_DEFAULTS, **data["config"]}
     try:  # a bad stored value (a hand-edited file) is the file's problem, a bad override the caller's
-        config_from_dict(saved, source=str(run_dir / CONFIG_FILE))
+        cfg = config_from_dict(saved, source=str(run_dir / CONFIG_FILE))
     except ConfigError as err:
         raise InputError(run_dir / CONFIG_FILE, f"bad stored setting {err}") from None
-    cfg = config_from_dict({**saved, **overrides}, source=str(run_dir / CONFIG_FILE))
+    if overrides:
+        cfg = config_from_dict({**saved, **overrides}, source=str(run_dir / CONFIG_FILE))
     tensors, _ = read_tensors(run_dir / MODEL_FILE)
     try:
         model = HGAD(cfg, list(data["class_names"]))

@@ -33,13 +33,19 @@ def _integral(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
 
 
-# the type of each field annotation: (test, what the error says was expected)
-_KINDS: dict[str, tuple[Any, str]] = {
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "int": (_integral, "an integer"),
-    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
-    "str": (lambda v: isinstance(v, str), "a text value"),
-    "str | None": (lambda v: v is None or isinstance(v, str), "a text value or none"),
+def _same(v: Any) -> Any:
+    return v
+
+
+# each field annotation: (test of a value, what the error says was expected, the value as stored)
+_KINDS: dict[str, tuple[Any, str, Any]] = {
+    "bool": (lambda v: isinstance(v, bool), "true or false", _same),
+    "int": (_integral, "an integer", int),
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number", float),
+    "str": (lambda v: isinstance(v, str), "a text value", _same),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a text value or none", _same),
+    "tuple[int, ...]": (lambda v: isinstance(v, list | tuple) and all(_integral(t) for t in v), "a list of integers",
+                        lambda v: tuple(int(t) for t in v)),
 }
 
 
@@ -154,18 +160,11 @@ class HGADConfig:
         a wrong type from the API or a hand-edited config.json is a ConfigError naming the flag, never a
         traceback later, and never a truthy string read as ``True``."""
         for f in fields(self):
-            value, kind = getattr(self, f.name), _KINDS.get(str(f.type))
-            if f.name == "taps":
-                ok = isinstance(value, list | tuple) and all(_integral(t) for t in value)
-                if not ok:
-                    raise ConfigError("--taps", f"expected a list of integers, got {value!r}")
-                self.taps = tuple(int(t) for t in value)
-            elif kind is not None and not kind[0](value):
-                raise ConfigError(flag_of(f.name), f"expected {kind[1]}, got {value!r}")
-            elif str(f.type) == "int":
-                setattr(self, f.name, int(value))
-            elif str(f.type) == "float":
-                setattr(self, f.name, float(value))
+            test, expected, stored = _KINDS[str(f.type)]
+            value = getattr(self, f.name)
+            if not test(value):
+                raise ConfigError(flag_of(f.name), f"expected {expected}, got {value!r}")
+            setattr(self, f.name, stored(value))
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work (before any heavy work starts)."""

@@ -118,13 +118,13 @@ def evaluate(model: HGAD, catalog: Catalog, *, protocol: str = "deploy", class_s
         first = records[int(bad[0])].path
         check_finite_maps(maps, "model", f"{len(bad)} of {len(records)} test images (first: {first})")
     thresholds = _deployed_thresholds(model, protocol, score, norm, predicted)
-    per_class, examples, image_only = _per_class(catalog, records, maps, masks, scores, predicted, mapping, n_examples,
-                                                 thresholds)
+    per_class, per_defect, examples, image_only = _per_class(catalog, records, maps, masks, scores, predicted,
+                                                             mapping, n_examples, thresholds)
     seen = true_model_cls >= 0
     accuracy = float((predicted[seen] == true_model_cls[seen]).float().mean()) if bool(seen.any()) else None
     return EvalResult(protocol=protocol, class_source=class_source, score=score, per_class=per_class,
                       mean=summarise(per_class),
-                      per_defect=_per_defect(catalog, records, scores.numpy(), thresholds),
+                      per_defect=per_defect,
                       class_accuracy=accuracy, records=records,
                       scores=scores.numpy(), predicted=predicted.numpy(),
                       model_classes=model.class_names, unseen=unseen,
@@ -259,12 +259,16 @@ def _paper_maps(model: HGAD, kept: list[LatentMaps], true_model_cls: Tensor, pre
 
 def _per_class(catalog: Catalog, records: list[ImageRecord], maps: Tensor, masks: Tensor, scores: Tensor,
                predicted: Tensor, mapping: dict[int, int], n_examples: int, thresholds: np.ndarray | None
-               ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict]], list[str]]:
-    """Metrics of each class (with the deployed thresholds' when given), the report's example images (the
-    worst decisions first) and the classes scored on image labels only."""
+               ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]], dict[str, list[dict]],
+                          list[str]]:
+    """Metrics of each class (with the deployed thresholds' when given), those of each defect type of a
+    class with defects, the report's example images (the worst decisions first) and the classes scored on
+    image labels only."""
     labels = torch.tensor([r.label for r in records])
     cls_idx = torch.tensor([r.class_index for r in records])
+    types = np.array([r.defect_type for r in records], dtype=object)
     per_class: dict[str, dict[str, float]] = {}
+    per_defect: dict[str, dict[str, dict[str, float]]] = {}
     examples: dict[str, list[dict]] = {}
     image_only: list[str] = []
     for c, name in enumerate(catalog.classes):
@@ -281,28 +285,16 @@ def _per_class(catalog: Catalog, records: list[ImageRecord], maps: Tensor, masks
             image_only.append(name)
         if thresholds is not None:
             m.update(decision_metrics(scores[sel].numpy(), labels[sel].numpy(), thresholds[sel.numpy()]))
+        if bool((labels[sel] == 1).any()):
+            per_defect[name] = by_defect_type(scores[sel].numpy(), labels[sel].numpy(), types[sel.numpy()],
+                                              None if thresholds is None else thresholds[sel.numpy()])
         if mapping[c] >= 0:
             m["class_accuracy"] = float((predicted[sel] == mapping[c]).float().mean())
         per_class[name] = m
         defect, normal = hardest(sel.tolist(), labels.numpy(), scores.numpy(), thresholds, n_examples)
         examples[name] = [{"record": records[i], "map": maps[i].numpy(), "score": float(scores[i]),
                            "mask": masks[i].numpy(), "index": i} for i in defect + normal]
-    return per_class, examples, image_only
-
-
-def _per_defect(catalog: Catalog, records: list[ImageRecord], scores: np.ndarray, thresholds: np.ndarray | None
-                ) -> dict[str, dict[str, dict[str, float]]]:
-    """:func:`hgad.metrics.by_defect_type` of each class that has anomalous test images."""
-    labels = np.array([r.label for r in records])
-    cls_idx = np.array([r.class_index for r in records])
-    types = np.array([r.defect_type for r in records], dtype=object)
-    out = {}
-    for c, name in enumerate(catalog.classes):
-        sel = cls_idx == c
-        if bool((labels[sel] == 1).any()):
-            out[name] = by_defect_type(scores[sel], labels[sel], types[sel],
-                                       None if thresholds is None else thresholds[sel])
-    return out
+    return per_class, per_defect, examples, image_only
 
 
 def _histograms(hist: dict[str, dict[str, list[Tensor]]]) -> dict[str, dict[str, np.ndarray]]:
